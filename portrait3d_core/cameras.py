@@ -141,3 +141,18 @@ def turntable_gan_angles(preset: str, frames: int | None = None):
         return (math.pi / 2 + 0.35 * torch.sin(2 * math.pi * k / n),
                 math.pi / 2 - 0.05 + 0.25 * torch.cos(2 * math.pi * k / n))
     raise InvalidInputError(f"unknown turntable preset {preset!r}; use 'paper_360' or 'paper_small_orbit'")
+
+
+def orbit_labels(frames: int, elevation_deg: float = 0.0, radius: float = RADIUS, focal: float = GAN_FOCAL,
+                 start_yaw_deg: float = 0.0) -> torch.Tensor:
+    """A full 360° orbit at a fixed elevation, starting at ``start_yaw_deg`` → labels ``[frames, 25]``."""
+    if frames < 1:
+        raise InvalidInputError("a turntable needs at least one frame")
+    yaw = start_yaw_deg + 360.0 * torch.arange(frames, dtype=torch.float64) / frames
+    return camera_label(yaw_pitch_pose(yaw.float(), torch.full((frames,), float(elevation_deg)), radius), focal)
+
+
+def preset_labels(preset: str, radius: float = RADIUS, focal: float = GAN_FOCAL, frames: int | None = None):
+    """The paper's video camera paths (``pipeline.md`` §7) → labels ``[N, 25]``."""
+    yaw, pitch = turntable_gan_angles(preset, frames)
+    return camera_label(gan_pose(yaw, pitch, radius), focal)

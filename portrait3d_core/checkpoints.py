@@ -79,6 +79,13 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=Non
     return data
 
 
+def _latin1_encode(text, encoding="latin1"):
+    """``_codecs.encode`` as protocol-2 pickles use it for bytes; only the latin-1 codec is accepted."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise CheckpointError(f"refused _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
 def _load_storage_bytes(data: bytes):
     """Nested legacy ``torch.save`` of one storage; torch's restricted loader, remapped to the CPU."""
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -114,6 +121,7 @@ def _allowed_globals(policy: str) -> dict:
         ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
         ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
         ("torch.storage", "_load_from_bytes"): _load_storage_bytes,
+        ("_codecs", "encode"): _latin1_encode,
         ("collections", "OrderedDict"): collections.OrderedDict,
         ("torch", "Size"): torch.Size,
         ("torch", "device"): torch.device,

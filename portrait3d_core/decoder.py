@@ -123,6 +123,16 @@ class Decoder(nn.Module):
             raise CheckpointError(f"{source}: decoder tensors have unexpected shapes: {exc}") from None
         return model.eval().requires_grad_(False)
 
+    @classmethod
+    def from_modules(cls, decoder: nn.Module, torgb: nn.Module, pose_branch: nn.Module,
+                     config: DecoderConfig) -> "Decoder":
+        """A view sharing existing submodules (no copy), e.g. a generator's top-level decoder/torgb/pose_branch."""
+        view = cls.__new__(cls)
+        nn.Module.__init__(view)
+        view.config = config
+        view.decoder, view.torgb, view.pose_branch = decoder, torgb, pose_branch
+        return view
+
     def config_dict(self) -> dict:
         return asdict(self.config)
 
@@ -147,3 +157,47 @@ def infer_decoder_config(state: dict, source: str = "state dict", c_dim: int = 2
                               f"tensors {', '.join(DECODER_KEYS[:4])}, … of decoder_512.ckpt") from None
     return DecoderConfig(features=int(features), hidden=int(hidden), out_features=int(out_features),
                          w_dim=int(w_dim), z_dim=int(pose_in) - c_dim, c_dim=c_dim)
+
+
+def decoder_state_from(state: dict) -> dict:
+    """The 14 decoder tensors out of a decoder checkpoint, a converted generator or an SDS ``df.pth`` model dict."""
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]                    # decoder_512.ckpt: {'params', 'state_dict'}
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]                         # df.pth: {'model': {'model.decoder.…', …}}
+    if not isinstance(state, dict):
+        return {}
+    for prefix in ("", "model.", "G_ema.", "generator."):
+        picked = {k[len(prefix):]: v for k, v in state.items()
+                  if isinstance(k, str) and k.startswith(prefix) and k[len(prefix):] in DECODER_KEYS}
+        if len(picked) == len(DECODER_KEYS):
+            return picked
+    return {k: v for k, v in state.items() if isinstance(k, str) and k.split(".")[0] in ("decoder", "torgb", "pose_branch")}
+
+
+def load_decoder(path: str) -> Decoder:
+    """Read ``decoder_512.ckpt`` (torch zip, read safely), our safetensors, or any file holding the 14 tensors."""
+    import os
+
+    from . import checkpoints
+
+    source = os.fspath(path)
+    if not os.path.isfile(source):
+        raise CheckpointError(f"{source}: decoder file not found")
+    with open(source, "rb") as fh:
+        head = fh.read(9)
+    if len(head) == 9 and head[8:9] == b"{":
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(source)
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"{source}: broken safetensors file ({exc})") from None
+    else:
+        state = checkpoints.load_any(source)
+    picked = decoder_state_from(state)
+    inner = state.get("model", state) if isinstance(state, dict) else {}
+    if any(isinstance(k, str) and k.startswith("trigrids_") for k in inner) and len(picked) < len(DECODER_KEYS):
+        raise CheckpointError(f"{source}: this is a tri-grid file, not a decoder; load it with Load Tri-grid and pick "
+                              f"decoder_512.ckpt (or a converted model_512) here")
+    return Decoder.from_state_dict(picked, source)

@@ -261,3 +261,56 @@ def render_image(trigrid: TriGrid, decoder: Decoder, c: torch.Tensor, resolution
         features = composite_background(features_raw, weight_sum, bg)
     rgb = decoder.to_rgb(features, trigrid.ws[:, -1])
     return RenderResult(rgb, features, features_raw, depth, weight_sum, bg)
+
+
+def render_views(trigrid: TriGrid, decoder: Decoder, c: torch.Tensor, resolution: int,
+                 settings: RenderSettings = RenderSettings(), *, background: Optional[BackgroundFn] = None,
+                 generator: Optional[torch.Generator] = None,
+                 on_chunk: Optional[Callable[[int, int], None]] = None,
+                 on_view: Optional[Callable[[int, int], None]] = None) -> RenderResult:
+    """Render N views ``c [N, 25]`` of a batch-1 tri-grid one at a time (bounded memory) → batched result.
+
+    ``on_chunk(done, total)`` runs after each ray chunk and ``on_view(done, total)`` after each view; either may raise
+    to cancel.
+    """
+    if trigrid.batch_size != 1:
+        raise InvalidInputError(f"render_views renders one tri-grid from many cameras; got a batch of "
+                                f"{trigrid.batch_size} (select one with TriGrid.select)")
+    results = []
+    for i in range(c.shape[0]):
+        results.append(render_image(trigrid, decoder, c[i:i + 1], resolution, settings, background=background,
+                                    generator=generator, progress=on_chunk))
+        if on_view is not None:
+            on_view(i + 1, c.shape[0])
+    cat = lambda name: torch.cat([getattr(r, name) for r in results])  # noqa: E731
+    bg = torch.cat([r.background for r in results]) if background is not None else None
+    return RenderResult(cat("image"), cat("features"), cat("features_raw"), cat("depth"), cat("weight_sum"), bg)
+
+
+def over_colour(result: RenderResult, decoder: Decoder, colour) -> torch.Tensor:
+    """The render composited over a solid colour ``(r, g, b)`` in [0, 1] → ``[B, 3, H, W]`` in [−1, 1].
+
+    ToRGB is affine (``M·F + b``) and F is opacity-weighted, so the object's own colour is ``M·F + b·Σw``; empty
+    space (which alone would show the bias ``b``) is replaced by the colour: ``image − (1 − Σw)·b + (1 − Σw)·colour``.
+    """
+    alpha = result.weight_sum.clamp(0, 1)
+    bias = decoder.torgb.bias.to(result.image)[None, :, None, None]
+    target = (torch.as_tensor(colour, dtype=result.image.dtype, device=result.image.device) * 2 - 1)[None, :, None, None]
+    return result.image + (1 - alpha) * (target - bias)
+
+
+def normalized_depth(depth: torch.Tensor, weight_sum: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """ControlNet-style depth ``[B, 1, H, W]`` in [0, 1]: near = 1, far = 0, background (Σw < threshold) = 0.
+
+    Normalised per image over its foreground depth range.
+    """
+    fg = weight_sum > threshold
+    out = torch.zeros_like(depth)
+    for b in range(depth.shape[0]):
+        if not bool(fg[b].any()):
+            continue
+        d = depth[b][fg[b]]
+        near, far = d.min(), d.max()
+        scaled = (far - depth[b]) / (far - near).clamp_min(1e-6)
+        out[b] = torch.where(fg[b], 0.1 + 0.9 * scaled.clamp(0, 1), torch.zeros_like(scaled))
+    return out

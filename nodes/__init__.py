@@ -1,0 +1,20 @@
+"""ComfyUI nodes of comfyui-portrait3d (V3 API). Thin: they translate types and call ``portrait3d_core``."""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import host
+from .loaders import LoadDecoder, LoadTriGrid
+from .render import Camera, RenderTriGrid, RenderTurntable
+from .save import SaveTriGrid
+
+NODE_CLASSES = [LoadTriGrid, LoadDecoder, Camera, RenderTriGrid, RenderTurntable, SaveTriGrid]
+
+
+class Portrait3DExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        host.register_model_folder()
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        host.register_model_folder()    # 0.3.75 does not call on_load
+        return list(NODE_CLASSES)

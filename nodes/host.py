@@ -1,0 +1,88 @@
+"""Glue to the ComfyUI host: model folders, progress + cancel, tensor conversions. No method math here."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+
+MODEL_FOLDER = "portrait3d"
+MODEL_EXTENSIONS = {".safetensors", ".pkl", ".pth", ".pt", ".ckpt"}
+
+
+def register_model_folder() -> None:
+    """Register ``models/portrait3d`` (extra_model_paths.yaml entries under ``portrait3d:`` are kept)."""
+    default = os.path.join(folder_paths.models_dir, MODEL_FOLDER)
+    entry = folder_paths.folder_names_and_paths.get(MODEL_FOLDER)
+    if entry is None:
+        folder_paths.folder_names_and_paths[MODEL_FOLDER] = ([default], set(MODEL_EXTENSIONS))
+        return
+    paths, extensions = entry
+    if default not in paths:
+        paths.append(default)
+    folder_paths.folder_names_and_paths[MODEL_FOLDER] = (paths, set(extensions) | MODEL_EXTENSIONS)
+
+
+def model_files(accept=None) -> list:
+    """Files in the portrait3d model folders (relative names), optionally filtered by ``accept(name, full_path)``."""
+    names = folder_paths.get_filename_list(MODEL_FOLDER)
+    if accept is None:
+        return names
+    return [n for n in names if accept(n, folder_paths.get_full_path(MODEL_FOLDER, n))]
+
+
+def model_path(name: str) -> str:
+    path = folder_paths.get_full_path(MODEL_FOLDER, name)
+    if path is None:
+        folders = ", ".join(folder_paths.get_folder_paths(MODEL_FOLDER))
+        raise FileNotFoundError(f"'{name}' is not in the portrait3d model folders ({folders}); put the file there and "
+                                f"refresh the node list")
+    return path
+
+
+def writable_cache_dir() -> str:
+    """Where converted files go when the model folder is read-only."""
+    path = os.path.join(folder_paths.get_user_directory(), "portrait3d_cache")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+class Progress:
+    """ComfyUI progress bar over ``total`` steps; every call is also a cancel point."""
+
+    def __init__(self, total: int):
+        self.bar = comfy.utils.ProgressBar(max(1, total))
+
+    @staticmethod
+    def check_cancel(*_args) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    def __call__(self, done: int, total: int | None = None) -> None:
+        self.check_cancel()
+        self.bar.update_absolute(done, total)
+
+
+def to_image(rgb: torch.Tensor) -> torch.Tensor:
+    """``[B, 3, H, W]`` in [−1, 1] → ComfyUI IMAGE ``[B, H, W, 3]`` in [0, 1]."""
+    return (rgb * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).contiguous().float().cpu()
+
+
+def to_mask(x: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, H, W]`` → ComfyUI MASK ``[B, H, W]``."""
+    return x[:, 0].contiguous().float().cpu()
+
+
+def gray_to_image(x: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, H, W]`` in [0, 1] → IMAGE ``[B, H, W, 3]``."""
+    return x.clamp(0, 1).permute(0, 2, 3, 1).repeat(1, 1, 1, 3).contiguous().float().cpu()
+
+
+def parse_colour(text: str):
+    """``"#RRGGBB"`` → (r, g, b) in [0, 1], or a clear error."""
+    value = text.strip().lstrip("#")
+    if len(value) != 6 or any(ch not in "0123456789abcdefABCDEF" for ch in value):
+        raise ValueError(f"background colour {text!r} is not a #RRGGBB hex colour (e.g. #ffffff)")
+    return tuple(int(value[i:i + 2], 16) / 255.0 for i in (0, 2, 4))
