@@ -1,12 +1,11 @@
 """Loader nodes: tri-grids and decoders from the ``models/portrait3d`` folder."""
 from __future__ import annotations
 
-import os
-
 from comfy_api.latest import io
 
 from portrait3d_core.decoder import load_decoder
-from portrait3d_core.trigrid import load_trigrid, read_metadata
+from portrait3d_core.checkpoints import guess_file_kind
+from portrait3d_core.trigrid import load_trigrid
 
 from . import host
 from .types import DecoderSocket, TriGridSocket
@@ -14,25 +13,10 @@ from .types import DecoderSocket, TriGridSocket
 CATEGORY = "Portrait3D/loaders"
 
 
-def file_kind(name: str, path: str) -> str:
-    """Cheap guess of what a model file holds: 'trigrid', 'decoder', 'gan' or 'unknown' (metadata, then name)."""
-    fmt = read_metadata(path).get("format", "") if path.endswith(".safetensors") else ""
-    if fmt:
-        return {"portrait3d-trigrid": "trigrid", "portrait3d-decoder": "decoder"}.get(fmt, "gan" if "gan" in fmt else "unknown")
-    low = os.path.basename(name).lower()
-    if "decoder" in low:
-        return "decoder"
-    if "trigrid" in low or low in ("df.pth",) or low.startswith("epoch_"):
-        return "trigrid"
-    if "model_512" in low or "generator" in low:
-        return "gan"
-    return "unknown"
-
-
 def _listing(*kinds):
     def accept(name, path):
         try:
-            return file_kind(name, path) in kinds
+            return guess_file_kind(path) in kinds
         except OSError:
             return False
     files = host.model_files(accept)

@@ -236,3 +236,32 @@ def state_dict_of(obj, prefix: str = "", out: dict | None = None) -> dict:
         if child is not None:
             state_dict_of(child, f"{prefix}{name}.", out)
     return out
+
+
+def guess_file_kind(path: str) -> str:
+    """Cheap guess of what a model file holds: 'trigrid', 'decoder', 'gan' or 'unknown'.
+
+    Our safetensors files say it in their metadata; official files are recognised by their release names
+    (``decoder_512.ckpt``, ``model_512.pkl``, ``trigrid.pkl``, ``df.pth``, ``epoch_*.pth``, ``*_pyramid_trigrid.pth``).
+    """
+    name = os.path.basename(path).lower()
+    if name.endswith(".safetensors"):
+        try:
+            with open(path, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                header = fh.read(size) if 0 < size < 100_000_000 else b"{}"
+            import json
+
+            fmt = (json.loads(header).get("__metadata__") or {}).get("format", "")
+        except (OSError, ValueError):
+            fmt = ""
+        if fmt:
+            return {"portrait3d-trigrid": "trigrid", "portrait3d-decoder": "decoder"}.get(
+                fmt, "gan" if "gan" in fmt or "generator" in fmt else "unknown")
+    if "decoder" in name:
+        return "decoder"
+    if "trigrid" in name or name == "df.pth" or name.startswith("epoch_"):
+        return "trigrid"
+    if "model_512" in name or "generator" in name:
+        return "gan"
+    return "unknown"

@@ -151,6 +151,40 @@ def analytic_trigrid(shapes=HEAD_SHAPES, resolutions=FULL_RESOLUTIONS, box_warp:
     return TriGrid(levels, torch.zeros(1, num_ws, w_dim), box_warp, info)
 
 
+def linear_colour(points: torch.Tensor, centre=(0.0, 0.05, 0.0), scale: float = 0.2) -> torch.Tensor:
+    """Known answer of ``linear_colour_trigrid``: RGB in [0, 1] = 0.5 + 0.5·(p − centre)/scale per axis (R from x,
+    G from y, B from z), ``[..., 3]``. Exact where |p − centre| ≤ scale and |y|, |z| ≤ box/3 (depth-slice range)."""
+    c = torch.as_tensor(centre, dtype=points.dtype)
+    return 0.5 + 0.5 * (points - c) / scale
+
+
+def linear_colour_trigrid(shapes, resolutions=SMALL_RESOLUTIONS, centre=(0.0, 0.05, 0.0), scale: float = 0.2,
+                          box_warp: float = BOX_WARP) -> TriGrid:
+    """``analytic_trigrid`` whose colour is the linear field of ``linear_colour`` (a known answer for colour tests).
+
+    Signed colour (p − centre)/scale: R = f(x) and G = g(y) on plane 0 (x, y), B = h(z) on plane 1 (x, z), each
+    stored ×3 so the plane mean restores it; bilinear/trilinear interpolation reproduces a linear field exactly.
+    """
+    base = analytic_trigrid(shapes, resolutions, box_warp, colour=False)
+    levels = []
+    fine = [min(level.shape[-2:]) >= DETAIL_MIN_RESOLUTION for level in base.levels]
+    if not any(fine):
+        fine = [True] * len(fine)
+    gain = len(fine) / sum(fine)
+    for level, use in zip(base.levels, fine):
+        level = level.clone()
+        if use:
+            h, w = level.shape[-2:]
+            u, v, _ = _texel_axes(h, w, box_warp)
+            view = level.view(1, 3, 12, 3, h, w)
+            r_, g_, b_ = COLOUR_CHANNELS
+            view[0, 0, r_] = (3 * gain * (u - centre[0]) / scale).reshape(1, 1, w)
+            view[0, 0, g_] = (3 * gain * (v - centre[1]) / scale).reshape(1, h, 1)
+            view[0, 1, b_] = (3 * gain * (v - centre[2]) / scale).reshape(1, h, 1)
+        levels.append(level)
+    return TriGrid(levels, base.ws, box_warp, dict(base.meta))
+
+
 def demo_decoder(n_shapes: int = N_SHAPE_CHANNELS, w_dim: int = 512) -> Decoder:
     """Hand-set decoder for ``analytic_trigrid`` (σ = soft union of the shape fields; colour channels → RGB)."""
     dec = Decoder(DecoderConfig(w_dim=w_dim))
@@ -199,7 +233,8 @@ def analytic_mask(c: torch.Tensor, resolution: int, shapes=HEAD_SHAPES, ray_star
     return hit.reshape(-1, resolution, resolution)
 
 
-def write_demo_assets(out_dir: str, resolutions=FULL_RESOLUTIONS, force: bool = False) -> list:
+def write_demo_assets(out_dir: str, resolutions=FULL_RESOLUTIONS, force: bool = False,
+                      trigrid_name: str = DEMO_TRIGRID_NAME, decoder_name: str = DEMO_DECODER_NAME) -> list:
     """Write the demo tri-grid and decoder (safetensors) into ``out_dir``; existing files are kept."""
     from safetensors.torch import save_file
 
@@ -207,11 +242,11 @@ def write_demo_assets(out_dir: str, resolutions=FULL_RESOLUTIONS, force: bool = 
 
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    tri_path = os.path.join(out_dir, DEMO_TRIGRID_NAME)
+    tri_path = os.path.join(out_dir, trigrid_name)
     if force or not os.path.exists(tri_path):
         analytic_trigrid(resolutions=resolutions, meta={"prompt": "demo head (analytic)"}).save(tri_path, overwrite=True)
         written.append(tri_path)
-    dec_path = os.path.join(out_dir, DEMO_DECODER_NAME)
+    dec_path = os.path.join(out_dir, decoder_name)
     if force or not os.path.exists(dec_path):
         tensors = {k: v.contiguous() for k, v in demo_decoder().state_dict().items()}
         atomic_write(dec_path, lambda tmp: save_file(tensors, tmp, metadata={"label": DEMO_LABEL,

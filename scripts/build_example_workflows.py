@@ -29,28 +29,28 @@ WORKFLOWS = {
     # Load the demo tri-grid → 360° turntable → MP4 (30 fps) + alpha-mask frames.
     "portrait3d_turntable": [
         N(1, "Portrait3D_LoadTriGrid", {"trigrid_file": DEMO_TRIGRID}, pos=(40, 80)),
-        N(2, "Portrait3D_LoadDecoder", {"decoder_file": DEMO_DECODER}, pos=(40, 260)),
+        N(2, "Portrait3D_LoadDecoder", {"decoder_file": DEMO_DECODER}, pos=(40, 240)),
         N(3, "Portrait3D_RenderTurntable", {"frames": 72, "resolution": 160}, {"trigrid": (1, 0), "decoder": (2, 0)},
-          pos=(420, 80)),
-        N(4, "CreateVideo", {"fps": 30.0}, {"images": (3, 0)}, pos=(820, 60)),
+          pos=(440, 80)),
+        N(4, "CreateVideo", {"fps": 30.0}, {"images": (3, 0)}, pos=(860, 80)),
         N(5, "SaveVideo", {"filename_prefix": "portrait3d/turntable", "format": "mp4", "codec": "h264"},
-          {"video": (4, 0)}, pos=(1100, 60)),
-        N(6, "MaskToImage", {}, {"mask": (3, 1)}, pos=(820, 320)),
-        N(7, "SaveImage", {"filename_prefix": "portrait3d/turntable_mask"}, {"images": (6, 0)}, pos=(1100, 320)),
+          {"video": (4, 0)}, pos=(1260, 80)),
+        N(6, "MaskToImage", {}, {"mask": (3, 1)}, pos=(860, 300)),
+        N(7, "SaveImage", {"filename_prefix": "portrait3d/turntable_mask"}, {"images": (6, 0)}, pos=(1260, 300)),
     ],
     # One view with its mask and ControlNet depth, and the tri-grid re-saved in our safetensors format.
     "portrait3d_render_view": [
         N(1, "Portrait3D_LoadTriGrid", {"trigrid_file": DEMO_TRIGRID}, pos=(40, 80)),
-        N(2, "Portrait3D_LoadDecoder", {"decoder_file": DEMO_DECODER}, pos=(40, 260)),
-        N(3, "Portrait3D_Camera", {"yaw": 30.0, "pitch": 10.0}, pos=(40, 420)),
+        N(2, "Portrait3D_LoadDecoder", {"decoder_file": DEMO_DECODER}, pos=(40, 240)),
+        N(3, "Portrait3D_Camera", {"yaw": 30.0, "pitch": 10.0}, pos=(40, 400)),
         N(4, "Portrait3D_RenderTriGrid", {"resolution": 256, "background": "colour", "background_colour": "#ffffff"},
-          {"trigrid": (1, 0), "decoder": (2, 0), "camera": (3, 0)}, pos=(420, 80)),
+          {"trigrid": (1, 0), "decoder": (2, 0), "camera": (3, 0)}, pos=(440, 80)),
         N(5, "SaveImage", {"filename_prefix": "portrait3d/view"}, {"images": (4, 0)}, pos=(860, 40)),
-        N(6, "MaskToImage", {}, {"mask": (4, 1)}, pos=(860, 330)),
-        N(7, "SaveImage", {"filename_prefix": "portrait3d/view_mask"}, {"images": (6, 0)}, pos=(1120, 330)),
+        N(6, "MaskToImage", {}, {"mask": (4, 1)}, pos=(860, 360)),
+        N(7, "SaveImage", {"filename_prefix": "portrait3d/view_mask"}, {"images": (6, 0)}, pos=(1260, 360)),
         N(8, "PreviewImage", {}, {"images": (4, 3)}, pos=(860, 560)),
         N(9, "Portrait3D_SaveTriGrid", {"filename_prefix": "portrait3d/trigrid", "prompt": "demo head"},
-          {"trigrid": (1, 0)}, pos=(420, 640)),
+          {"trigrid": (1, 0)}, pos=(440, 620)),
     ],
 }
 
@@ -95,7 +95,9 @@ def build(nodes, info) -> dict:
             raise SystemExit(f"{n['type']}: unknown widgets {unknown}")
         outputs = [{"name": name, "type": typ, "links": outgoing.get((n["id"], i), []), "slot_index": i}
                    for i, (name, typ) in enumerate(zip(spec["output_name"], spec["output"]))]
-        ui_nodes.append({"id": n["id"], "type": n["type"], "pos": list(n["pos"]), "size": [320, 200], "flags": {},
+        rows = len(values) + max(len(inputs), len(outputs))
+        size = [340, 46 + 24 * rows]
+        ui_nodes.append({"id": n["id"], "type": n["type"], "pos": list(n["pos"]), "size": size, "flags": {},
                          "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
                          "properties": {"Node name for S&R": n["type"]}, "widgets_values": values,
                          **({"title": n["title"]} if n["title"] else {})})

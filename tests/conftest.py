@@ -27,3 +27,29 @@ if "TRITON_INTERPRET" not in os.environ and not _has_cuda_gpu():
 
 FIXTURES = os.environ.get("PORTRAIT3D_ORACLE_DIR",
                           os.path.join(ROOT, "..", "shared", "fixtures", "portrait_gan_oracle"))
+
+ARTIFACTS = os.path.join(ROOT, "test-artifacts")
+TEST_TRIGRID = "TEST_head_small_trigrid.safetensors"   # levels 8..64: fast to load and render
+TEST_DECODER = "TEST_decoder.safetensors"
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    """One real ComfyUI server (``.comfyui/``, loopback, --cpu) for the whole session, with small test assets in an
+    extra ``portrait3d`` model folder given through extra_model_paths.yaml."""
+    from comfy_client import ComfyServer
+    from portrait3d_core.demo_assets import SMALL_RESOLUTIONS, write_demo_assets
+
+    work = tmp_path_factory.mktemp("comfyui")
+    models = work / "test_models" / "portrait3d"
+    write_demo_assets(str(models), SMALL_RESOLUTIONS, trigrid_name=TEST_TRIGRID, decoder_name=TEST_DECODER)
+    server = ComfyServer(str(work), extra_model_paths={"portrait3d": str(models)}).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        os.makedirs(ARTIFACTS, exist_ok=True)
+        with open(os.path.join(ARTIFACTS, "comfyui-server.log"), "w") as fh:
+            fh.write(server.log_text())
