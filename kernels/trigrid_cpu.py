@@ -93,18 +93,23 @@ if AVAILABLE:
 
     @_pjit
     def _backward_levels(grads, coords, gout):
+        """Each (batch, level, plane) item zero-fills, then accumulates, its own slice of the gradient.
+
+        Items run largest level first; the caller sets a chunk size of 1 so threads pick items dynamically.
+        """
         B, M, _ = coords.shape
         L = len(grads)
         C = gout.shape[2]
         scale = 1.0 / (3.0 * L)
         for item in nb.prange(B * L * 3):
-            b = item // (L * 3)
-            lvl = (item // 3) % L
+            lvl = L - 1 - item // (3 * B)
+            b = (item // 3) % B
             plane = item % 3
             G = grads[lvl]
             H = G.shape[2]
             W = G.shape[3]
             D = G.shape[4]
+            G[b, plane] = 0.0
             for m in range(M):
                 x0, y0, z0, ax, ay, az = _cell(coords[b, m, 0], coords[b, m, 1], coords[b, m, 2], plane, H, W, D)
                 g = gout[b, m]
@@ -212,8 +217,9 @@ def backward(levels, coords, grad_out, need_levels: bool, need_coords: bool):
     grad_out = grad_out.contiguous()
     grad_levels = grad_coords = None
     if need_levels:
-        grad_levels = [torch.zeros_like(level) for level in levels]
-        _backward_levels(_arrays(grad_levels), coords.detach().numpy(), grad_out.numpy())
+        grad_levels = [torch.empty_like(level) for level in levels]    # zero-filled inside, in parallel
+        with nb.parallel_chunksize(1):
+            _backward_levels(_arrays(grad_levels), coords.detach().numpy(), grad_out.numpy())
     if need_coords:
         grad_coords = torch.empty_like(coords)
         _backward_coords(_arrays(levels), coords.detach().numpy(), grad_out.numpy(), grad_coords.numpy())

@@ -4,11 +4,13 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from . import host
+from .gan import LoadPortraitGAN, TriGridSynthesis
 from .loaders import LoadDecoder, LoadTriGrid
 from .render import Camera, RenderTriGrid, RenderTurntable
 from .save import SaveTriGrid
 
-NODE_CLASSES = [LoadTriGrid, LoadDecoder, Camera, RenderTriGrid, RenderTurntable, SaveTriGrid]
+NODE_CLASSES = [LoadTriGrid, LoadDecoder, LoadPortraitGAN, TriGridSynthesis, Camera, RenderTriGrid, RenderTurntable,
+                SaveTriGrid]
 
 
 class Portrait3DExtension(ComfyExtension):

@@ -9,10 +9,11 @@ from portrait3d_core.renderer import (PORTRAIT3D_RAY_START, RenderSettings, norm
                                       render_views)
 
 from . import host
-from .types import CameraSocket, DecoderSocket, TriGridSocket, expect_cameras, expect_decoder, expect_trigrid
+from .types import (CameraSocket, DecoderSocket, GanSocket, TriGridSocket, expect_cameras, expect_decoder, expect_gan,
+                    expect_trigrid)
 
 CATEGORY = "Portrait3D/render"
-BACKGROUNDS = ["none", "colour"]
+BACKGROUNDS = ["none", "colour", "gan"]
 FOCAL_TOOLTIP = ("Normalised focal length. 6.5104166 = the GAN / final-video camera; 6.4848 = the SDS and "
                  "refinement camera of Portrait3D.")
 
@@ -37,11 +38,25 @@ def _render_inputs():
         io.Float.Input("ray_end", default=3.12, min=0.2, max=12.0, step=0.01,
                        tooltip="Where rays end (metres from the camera); the model config uses 3.12."),
         io.Combo.Input("background", options=BACKGROUNDS, default="none",
-                       tooltip="none: what the model renders in empty space (ToRGB bias colour); "
-                               "colour: composite over background_colour using the render's opacity."),
+                       tooltip="none: what the model renders in empty space (ToRGB bias colour, the SDS look); "
+                               "colour: composite over background_colour using the render's opacity; "
+                               "gan: the GAN's background network (connect a gan), as in the paper's videos."),
         io.String.Input("background_colour", default="#ffffff",
                         tooltip="#RRGGBB colour used when background = colour."),
+        GanSocket.Input("gan", optional=True, tooltip="Needed for background = gan (from Load Portrait GAN)."),
     ]
+
+
+def _background_hook(background, gan, trigrid):
+    if background != "gan":
+        return None
+    if gan is None:
+        raise ValueError("background = gan needs a Portrait GAN: connect Load Portrait GAN to the 'gan' input")
+    generator = expect_gan(gan)
+    if trigrid.ws is None or trigrid.ws.shape[-1] != generator.config.w_dim:
+        raise ValueError(f"this tri-grid's ws do not fit the GAN (w_dim {generator.config.w_dim}); use the GAN the "
+                         f"tri-grid came from")
+    return generator.background_hook()
 
 
 def _settings(samples, ray_start, ray_end) -> RenderSettings:
@@ -116,7 +131,7 @@ class RenderTriGrid(io.ComfyNode):
 
     @classmethod
     def execute(cls, trigrid, decoder, yaw, pitch, radius, focal, resolution, samples, ray_start, ray_end,
-                background, background_colour, camera=None) -> io.NodeOutput:
+                background, background_colour, gan=None, camera=None) -> io.NodeOutput:
         trigrid, decoder = expect_trigrid(trigrid), expect_decoder(decoder)
         if camera is not None:
             labels = expect_cameras(camera)
@@ -126,6 +141,7 @@ class RenderTriGrid(io.ComfyNode):
         with torch.no_grad():
             result = render_views(trigrid.select(0), decoder, labels, resolution,
                                   _settings(samples, ray_start, ray_end),
+                                  background=_background_hook(background, gan, trigrid),
                                   on_chunk=progress.check_cancel, on_view=progress)
         return io.NodeOutput(*_render_outputs(result, decoder, background, background_colour))
 
@@ -161,7 +177,7 @@ class RenderTurntable(io.ComfyNode):
 
     @classmethod
     def execute(cls, trigrid, decoder, preset, frames, elevation, radius, focal, resolution, samples, ray_start,
-                ray_end, background, background_colour) -> io.NodeOutput:
+                ray_end, background, background_colour, gan=None) -> io.NodeOutput:
         trigrid, decoder = expect_trigrid(trigrid), expect_decoder(decoder)
         if preset == "custom":
             labels = cameras.orbit_labels(frames, elevation, radius, focal)
@@ -171,5 +187,6 @@ class RenderTurntable(io.ComfyNode):
         with torch.no_grad():
             result = render_views(trigrid.select(0), decoder, labels, resolution,
                                   _settings(samples, ray_start, ray_end),
+                                  background=_background_hook(background, gan, trigrid),
                                   on_chunk=progress.check_cancel, on_view=progress)
         return io.NodeOutput(*_render_outputs(result, decoder, background, background_colour), labels)

@@ -239,7 +239,7 @@ def state_dict_of(obj, prefix: str = "", out: dict | None = None) -> dict:
 
 
 def guess_file_kind(path: str) -> str:
-    """Cheap guess of what a model file holds: 'trigrid', 'decoder', 'gan' or 'unknown'.
+    """Cheap guess of what a model file holds: 'trigrid', 'decoder', 'gan', 'discriminator' or 'unknown'.
 
     Our safetensors files say it in their metadata; official files are recognised by their release names
     (``decoder_512.ckpt``, ``model_512.pkl``, ``trigrid.pkl``, ``df.pth``, ``epoch_*.pth``, ``*_pyramid_trigrid.pth``).
@@ -256,8 +256,8 @@ def guess_file_kind(path: str) -> str:
         except (OSError, ValueError):
             fmt = ""
         if fmt:
-            return {"portrait3d-trigrid": "trigrid", "portrait3d-decoder": "decoder"}.get(
-                fmt, "gan" if "gan" in fmt or "generator" in fmt else "unknown")
+            return {"portrait3d-trigrid": "trigrid", "portrait3d-decoder": "decoder", "portrait3d-gan": "gan",
+                    "portrait3d-discriminator": "discriminator"}.get(fmt, "unknown")
     if "decoder" in name:
         return "decoder"
     if "trigrid" in name or name == "df.pth" or name.startswith("epoch_"):

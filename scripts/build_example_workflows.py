@@ -19,6 +19,7 @@ from comfy_client import ROOT, ComfyServer, widget_names  # noqa: E402
 OUT_DIR = os.path.join(ROOT, "example_workflows")
 DEMO_TRIGRID = "DEMO_head_trigrid.safetensors"
 DEMO_DECODER = "DEMO_decoder.safetensors"
+OFFICIAL_GAN = "model_512.pkl"
 
 
 def N(node_id, type_, widgets=None, links=None, pos=(0, 0), title=None):
@@ -51,6 +52,20 @@ WORKFLOWS = {
         N(8, "PreviewImage", {}, {"images": (4, 3)}, pos=(860, 560)),
         N(9, "Portrait3D_SaveTriGrid", {"filename_prefix": "portrait3d/trigrid", "prompt": "demo head"},
           {"trigrid": (1, 0)}, pos=(440, 620)),
+    ],
+    # A random portrait from the GAN (official model_512.pkl) → preview, 360° turntable with the GAN background, saved
+    # tri-grid.
+    "portrait3d_random_portrait": [
+        N(1, "Portrait3D_LoadGAN", {"gan_file": OFFICIAL_GAN}, pos=(40, 80)),
+        N(2, "Portrait3D_TriGridSynthesis", {"seed": 42, "truncation_psi": 0.7}, {"gan": (1, 0)}, pos=(40, 240)),
+        N(3, "Portrait3D_RenderTurntable", {"frames": 72, "resolution": 128, "samples": 48, "background": "gan"},
+          {"trigrid": (2, 0), "decoder": (2, 1), "gan": (1, 0)}, pos=(440, 80)),
+        N(4, "CreateVideo", {"fps": 30.0}, {"images": (3, 0)}, pos=(860, 80)),
+        N(5, "SaveVideo", {"filename_prefix": "portrait3d/random_portrait", "format": "mp4", "codec": "h264"},
+          {"video": (4, 0)}, pos=(1260, 80)),
+        N(6, "PreviewImage", {}, {"images": (2, 2)}, pos=(860, 320)),
+        N(7, "Portrait3D_SaveTriGrid", {"filename_prefix": "portrait3d/random_portrait", "prompt": ""},
+          {"trigrid": (2, 0)}, pos=(440, 640)),
     ],
 }
 

@@ -154,7 +154,8 @@ class ComfyServer:
         return entry
 
     def output_path(self, item: dict) -> str:
-        base = {"output": self.output_dir, "temp": self.temp_dir}[item.get("type", "output")]
+        # ComfyUI keeps temp files in a "temp" folder inside --temp-directory
+        base = {"output": self.output_dir, "temp": os.path.join(self.temp_dir, "temp")}[item.get("type", "output")]
         return os.path.join(base, item.get("subfolder", ""), item["filename"])
 
 

@@ -31,6 +31,26 @@ FIXTURES = os.environ.get("PORTRAIT3D_ORACLE_DIR",
 ARTIFACTS = os.path.join(ROOT, "test-artifacts")
 TEST_TRIGRID = "TEST_head_small_trigrid.safetensors"   # levels 8..64: fast to load and render
 TEST_DECODER = "TEST_decoder.safetensors"
+TEST_GAN_STEM = "TEST_oracle_gan"                          # the reduced oracle generator (random weights), converted
+TEST_GAN = TEST_GAN_STEM + ".generator.safetensors"
+
+
+def write_oracle_generator(directory: str) -> str:
+    """The oracle fixtures' reduced generator written in our converted format (as the loader node reads it)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from portrait3d_core.gan.config import GeneratorConfig
+    from portrait3d_core.gan.convert import OfficialCheckpoint, write_converted
+
+    with open(os.path.join(FIXTURES, "generator_config.json")) as fh:
+        cfg = json.load(fh)
+    config = GeneratorConfig.from_oracle_config(cfg)
+    source = os.path.join(FIXTURES, "generator_state_dict.safetensors")
+    ckpt = OfficialCheckpoint(load_file(source), None, cfg["init_kwargs"], cfg["init_kwargs"]["rendering_kwargs"],
+                              config.neural_rendering_resolution, config, "TriPlaneGenerator", None, None, source)
+    return write_converted(ckpt, directory, TEST_GAN_STEM, overwrite=True)["generator"]
 
 import pytest  # noqa: E402
 
@@ -45,6 +65,7 @@ def comfy_server(tmp_path_factory):
     work = tmp_path_factory.mktemp("comfyui")
     models = work / "test_models" / "portrait3d"
     write_demo_assets(str(models), SMALL_RESOLUTIONS, trigrid_name=TEST_TRIGRID, decoder_name=TEST_DECODER)
+    write_oracle_generator(str(models))
     server = ComfyServer(str(work), extra_model_paths={"portrait3d": str(models)}).start()
     try:
         yield server

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from comfy_client import ROOT, ServerError, execution_error, import_failures_of_pack, load_workflow, ui_to_api
-from conftest import TEST_DECODER, TEST_TRIGRID
+from conftest import TEST_DECODER, TEST_GAN, TEST_TRIGRID
 from portrait3d_core import cameras
 from portrait3d_core.demo_assets import DEMO_TRIGRID_NAME, analytic_mask
 from portrait3d_core.trigrid import load_trigrid
@@ -20,11 +20,14 @@ OUR_NODES = {
     "Portrait3D_LoadTriGrid": ([], ["PORTRAIT3D_TRIGRID"]),
     "Portrait3D_LoadDecoder": ([], ["PORTRAIT3D_DECODER"]),
     "Portrait3D_Camera": ([], ["PORTRAIT3D_CAMERA"]),
-    "Portrait3D_RenderTriGrid": (["PORTRAIT3D_TRIGRID", "PORTRAIT3D_DECODER", "PORTRAIT3D_CAMERA"],
+    "Portrait3D_RenderTriGrid": (["PORTRAIT3D_TRIGRID", "PORTRAIT3D_DECODER", "PORTRAIT3D_GAN", "PORTRAIT3D_CAMERA"],
                                  ["IMAGE", "MASK", "MASK", "IMAGE"]),
-    "Portrait3D_RenderTurntable": (["PORTRAIT3D_TRIGRID", "PORTRAIT3D_DECODER"],
+    "Portrait3D_RenderTurntable": (["PORTRAIT3D_TRIGRID", "PORTRAIT3D_DECODER", "PORTRAIT3D_GAN"],
                                    ["IMAGE", "MASK", "MASK", "IMAGE", "PORTRAIT3D_CAMERA"]),
     "Portrait3D_SaveTriGrid": (["PORTRAIT3D_TRIGRID"], ["STRING"]),
+    "Portrait3D_LoadGAN": ([], ["PORTRAIT3D_GAN"]),
+    "Portrait3D_TriGridSynthesis": (["PORTRAIT3D_GAN", "PORTRAIT3D_CAMERA"],
+                                    ["PORTRAIT3D_TRIGRID", "PORTRAIT3D_DECODER", "IMAGE"]),
 }
 
 
@@ -45,6 +48,8 @@ def _prompt_for_tests(workflow, info, frames=None, resolution=None):
             inputs["trigrid_file"] = TEST_TRIGRID
         if node["class_type"] == "Portrait3D_LoadDecoder":
             inputs["decoder_file"] = TEST_DECODER
+        if node["class_type"] == "Portrait3D_LoadGAN":
+            inputs["gan_file"] = TEST_GAN
         if frames is not None and "frames" in inputs:
             inputs["frames"] = frames
         if resolution is not None and "resolution" in inputs:
@@ -84,39 +89,73 @@ def test_server_model_folder_lists_files_from_models_dir_and_extra_paths(comfy_s
     assert TEST_DECODER in decoders and TEST_DECODER not in trigrids
 
 
+def _check_turntable_masks(server, prompt, outputs, frames):
+    _, turntable = _node(prompt, "Portrait3D_RenderTurntable")
+    labels = cameras.orbit_labels(frames, turntable["inputs"]["elevation"], turntable["inputs"]["radius"],
+                                  turntable["inputs"]["focal"])
+    mask_items = sorted((item for out in outputs.values() for item in out.get("images", [])
+                         if "mask" in item["filename"]), key=lambda i: i["filename"])
+    assert len(mask_items) == frames
+    for item, expected in zip(mask_items, analytic_mask(labels, 64)):
+        assert _iou(_read_mask(server.output_path(item)), expected.numpy()) >= 0.9
+
+
+def _check_video(server, prompt, outputs, frames):
+    import av
+
+    video_node, _ = _node(prompt, "SaveVideo")
+    with av.open(server.output_path(outputs[video_node]["images"][0])) as container:
+        assert sum(1 for _ in container.decode(video=0)) == frames
+
+
+def _check_view(server, prompt, outputs):
+    _, camera = _node(prompt, "Portrait3D_Camera")
+    c = cameras.camera_label(cameras.yaw_pitch_pose(camera["inputs"]["yaw"], camera["inputs"]["pitch"],
+                                                    camera["inputs"]["radius"]), camera["inputs"]["focal"])
+    mask_item = next(item for out in outputs.values() for item in out.get("images", []) if "mask" in item["filename"])
+    assert _iou(_read_mask(server.output_path(mask_item)), analytic_mask(c, 64)[0].numpy()) >= 0.9
+    saved = next(out["text"][0] for out in outputs.values() if "text" in out)
+    again = load_trigrid(os.path.join(server.output_dir, saved))
+    assert again.resolutions == [(r, r) for r in (8, 16, 32, 64)] and again.meta["prompt"] == "demo head"
+
+
+def _check_random_portrait(server, prompt, outputs):
+    """Same seed ⇒ same tri-grid: the saved file equals a local synthesis with the workflow's settings."""
+    from conftest import write_oracle_generator
+    from portrait3d_core.gan.convert import load_generator
+    from portrait3d_core.gan.sample import synthesize_trigrids
+
+    _, synth = _node(prompt, "Portrait3D_TriGridSynthesis")
+    saved = next(out["text"][0] for out in outputs.values() if "text" in out)
+    got = load_trigrid(os.path.join(server.output_dir, saved))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        generator = load_generator(write_oracle_generator(tmp))
+    want = synthesize_trigrids(generator, [synth["inputs"]["seed"]], synth["inputs"]["truncation_psi"],
+                               synth["inputs"]["truncation_cutoff"])
+    for a, b in zip(got.levels, want.levels):
+        assert torch.allclose(a, b, atol=1e-5 * max(1.0, b.abs().max().item()))
+    preview_node, _ = _node(prompt, "PreviewImage")
+    preview = Image.open(server.output_path(outputs[preview_node]["images"][0]))
+    assert preview.size == (128, 128)          # reduced oracle model: SR output 128² (512² for the real model)
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=os.path.basename)
 def test_server_runs_example_workflow(comfy_server, path):
-    workflow = load_workflow(path)
-    info = comfy_server.object_info()
-    prompt = _prompt_for_tests(workflow, info, frames=6, resolution=64)
-    entry = comfy_server.run(prompt, timeout=900)
-    outputs = entry["outputs"]
-    if "Portrait3D_RenderTurntable" in {n["class_type"] for n in prompt.values()}:
-        _, turntable = _node(prompt, "Portrait3D_RenderTurntable")
-        labels = cameras.orbit_labels(6, turntable["inputs"]["elevation"], turntable["inputs"]["radius"],
-                                      turntable["inputs"]["focal"])
-        truth = analytic_mask(labels, 64)
-        video_node, _ = _node(prompt, "SaveVideo")
-        video = comfy_server.output_path(outputs[video_node]["images"][0])
-        import av
-
-        with av.open(video) as container:
-            assert sum(1 for _ in container.decode(video=0)) == 6
-        mask_items = [item for node_id, out in outputs.items() for item in out.get("images", [])
-                      if "mask" in item["filename"]]
-        assert len(mask_items) == 6
-        for item, expected in zip(sorted(mask_items, key=lambda i: i["filename"]), truth):
-            assert _iou(_read_mask(comfy_server.output_path(item)), expected.numpy()) >= 0.9
+    frames = 6
+    prompt = _prompt_for_tests(load_workflow(path), comfy_server.object_info(), frames=frames, resolution=64)
+    outputs = comfy_server.run(prompt, timeout=900)["outputs"]
+    kinds = {n["class_type"] for n in prompt.values()}
+    if "SaveVideo" in kinds:
+        _check_video(comfy_server, prompt, outputs, frames)
+    if "Portrait3D_TriGridSynthesis" in kinds:
+        _check_random_portrait(comfy_server, prompt, outputs)
+    elif "Portrait3D_RenderTurntable" in kinds:
+        _check_turntable_masks(comfy_server, prompt, outputs, frames)
     else:
-        _, camera = _node(prompt, "Portrait3D_Camera")
-        c = cameras.camera_label(cameras.yaw_pitch_pose(camera["inputs"]["yaw"], camera["inputs"]["pitch"],
-                                                        camera["inputs"]["radius"]), camera["inputs"]["focal"])
-        mask_item = next(item for out in outputs.values() for item in out.get("images", [])
-                         if "mask" in item["filename"])
-        assert _iou(_read_mask(comfy_server.output_path(mask_item)), analytic_mask(c, 64)[0].numpy()) >= 0.9
-        saved = next(out["text"][0] for out in outputs.values() if "text" in out)
-        again = load_trigrid(os.path.join(comfy_server.output_dir, saved))
-        assert again.resolutions == [(r, r) for r in (8, 16, 32, 64)] and again.meta["prompt"] == "demo head"
+        _check_view(comfy_server, prompt, outputs)
+    assert len(WORKFLOWS) >= 3
 
 
 def test_server_save_trigrid_never_overwrites(comfy_server):
