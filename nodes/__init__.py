@@ -4,13 +4,14 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from . import host
+from .export import ExportMesh
 from .gan import LoadPortraitGAN, TriGridSynthesis
 from .loaders import LoadDecoder, LoadTriGrid
 from .render import Camera, RenderTriGrid, RenderTurntable
 from .save import SaveTriGrid
 
 NODE_CLASSES = [LoadTriGrid, LoadDecoder, LoadPortraitGAN, TriGridSynthesis, Camera, RenderTriGrid, RenderTurntable,
-                SaveTriGrid]
+                SaveTriGrid, ExportMesh]
 
 
 class Portrait3DExtension(ComfyExtension):

@@ -53,8 +53,17 @@ WORKFLOWS = {
         N(9, "Portrait3D_SaveTriGrid", {"filename_prefix": "portrait3d/trigrid", "prompt": "demo head"},
           {"trigrid": (1, 0)}, pos=(440, 620)),
     ],
+    # The demo tri-grid → textured GLB → ComfyUI's 3D preview.
+    "portrait3d_export_mesh": [
+        N(1, "Portrait3D_LoadTriGrid", {"trigrid_file": DEMO_TRIGRID}, pos=(40, 80)),
+        N(2, "Portrait3D_LoadDecoder", {"decoder_file": DEMO_DECODER}, pos=(40, 240)),
+        N(3, "Portrait3D_ExportMesh", {"format": "glb", "resolution": 256, "texture_size": 1024,
+                                       "filename_prefix": "portrait3d/mesh", "prompt": "demo head"},
+          {"trigrid": (1, 0), "decoder": (2, 0)}, pos=(440, 80)),
+        N(4, "Preview3D", {"model_file": ""}, {"model_file": (3, 0)}, pos=(860, 80)),
+    ],
     # A random portrait from the GAN (official model_512.pkl) → preview, 360° turntable with the GAN background, saved
-    # tri-grid.
+    # tri-grid, textured mesh.
     "portrait3d_random_portrait": [
         N(1, "Portrait3D_LoadGAN", {"gan_file": OFFICIAL_GAN}, pos=(40, 80)),
         N(2, "Portrait3D_TriGridSynthesis", {"seed": 42, "truncation_psi": 0.7}, {"gan": (1, 0)}, pos=(40, 240)),
@@ -66,6 +75,10 @@ WORKFLOWS = {
         N(6, "PreviewImage", {}, {"images": (2, 2)}, pos=(860, 320)),
         N(7, "Portrait3D_SaveTriGrid", {"filename_prefix": "portrait3d/random_portrait", "prompt": ""},
           {"trigrid": (2, 0)}, pos=(440, 640)),
+        N(8, "Portrait3D_ExportMesh", {"format": "glb", "resolution": 256, "texture_size": 1024,
+                                       "filename_prefix": "portrait3d/random_portrait"},
+          {"trigrid": (2, 0), "decoder": (2, 1)}, pos=(40, 640)),
+        N(9, "Preview3D", {"model_file": ""}, {"model_file": (8, 0)}, pos=(1260, 320)),
     ],
 }
 
@@ -97,11 +110,16 @@ def build(nodes, info) -> dict:
         inputs = []
         socket_names = [name for group in ("required", "optional") for name in spec["input_order"].get(group, [])
                         if name in all_specs and name not in widget_names(spec)]
-        for slot, name in enumerate(socket_names):
+        linked_widgets = [name for name in widget_names(spec) if name in n["links"]]
+        for slot, name in enumerate(socket_names + linked_widgets):
             link = next((l for l in links if l[3] == n["id"] and l[6] == name), None)
             if link is not None:
                 link[4] = slot
-            inputs.append({"name": name, "type": all_specs[name][0], "link": link[0] if link else None})
+            kind = all_specs[name][0]
+            entry = {"name": name, "type": "COMBO" if isinstance(kind, list) else kind, "link": link[0] if link else None}
+            if name in linked_widgets:
+                entry["widget"] = {"name": name}
+            inputs.append(entry)
         values = []
         for name in widget_names(spec):
             values.append("fixed" if name is None else n["widgets"].get(name, _default(all_specs[name])))
@@ -111,7 +129,7 @@ def build(nodes, info) -> dict:
         outputs = [{"name": name, "type": typ, "links": outgoing.get((n["id"], i), []), "slot_index": i}
                    for i, (name, typ) in enumerate(zip(spec["output_name"], spec["output"]))]
         rows = len(values) + max(len(inputs), len(outputs))
-        size = [340, 46 + 24 * rows]
+        size = [480, 560] if n["type"] == "Preview3D" else [340, 46 + 24 * rows]
         ui_nodes.append({"id": n["id"], "type": n["type"], "pos": list(n["pos"]), "size": size, "flags": {},
                          "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
                          "properties": {"Node name for S&R": n["type"]}, "widgets_values": values,

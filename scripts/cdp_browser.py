@@ -165,3 +165,29 @@ def open_editor(browser: Chromium, url: str, timeout: float = 120.0) -> None:
 def load_workflow_in_editor(browser: Chromium, workflow: dict) -> dict:
     """Load a UI workflow; returns {'nodes': [{id, type, known, errors}], 'output': API prompt from graphToPrompt}."""
     return json.loads(browser.evaluate(LOAD_WORKFLOW_JS % json.dumps(workflow)))
+
+
+VIEWER_RECT_JS = """JSON.stringify(Array.from(document.querySelectorAll('canvas'))
+  .filter(c => c.id !== 'graph-canvas').map(c => c.getBoundingClientRect())
+  .filter(r => r.width > 100 && r.height > 100).map(r => [r.x, r.y, r.width, r.height]))"""
+
+
+def viewer_rects(browser: Chromium) -> list:
+    """Screen rectangles [x, y, w, h] of the 3D viewer canvases (Load3D / Preview3D widgets)."""
+    return json.loads(browser.evaluate(VIEWER_RECT_JS))
+
+
+def clip_screenshot(browser: Chromium, rect) -> bytes:
+    x, y, w, h = rect
+    data = browser.send("Page.captureScreenshot", {"format": "png",
+                                                   "clip": {"x": x, "y": y, "width": w, "height": h, "scale": 1}})
+    return base64.b64decode(data["data"])
+
+
+def nudge(browser: Chromium, rect) -> None:
+    """A tiny drag inside a viewer so it renders a fresh frame."""
+    x, y, w, h = rect
+    cx, cy = x + w * 0.8, y + h * 0.8
+    for kind, dx in (("mousePressed", 0), ("mouseMoved", 4), ("mouseMoved", 8), ("mouseReleased", 8)):
+        browser.send("Input.dispatchMouseEvent", {"type": kind, "x": cx + dx, "y": cy, "button": "left",
+                                                  "buttons": 0 if kind == "mouseReleased" else 1, "clickCount": 1})

@@ -42,7 +42,8 @@ def check_host_installed() -> None:
 class ComfyServer:
     """A ComfyUI process on 127.0.0.1 with its own output/temp/user folders under ``workdir``."""
 
-    def __init__(self, workdir: str, extra_model_paths: dict | None = None, port: int | None = None):
+    def __init__(self, workdir: str, extra_model_paths: dict | None = None, port: int | None = None,
+                 disable_api_nodes: bool = False):
         check_host_installed()
         self.workdir = workdir
         self.port = port or free_port()
@@ -54,6 +55,9 @@ class ComfyServer:
         self.extra_model_paths = extra_model_paths
         self.process: subprocess.Popen | None = None
         self.client_id = uuid.uuid4().hex
+        # Off by default, as in a user's launch: with --disable-api-nodes ComfyUI 0.3.75 also sends a CSP header
+        # (connect-src 'self') that stops the 3D preview from loading textures embedded in GLB files.
+        self.disable_api_nodes = disable_api_nodes
 
     # ------------------------------------------------------------------------------------------ lifecycle
     def start(self, timeout: float = 240.0) -> "ComfyServer":
@@ -61,8 +65,9 @@ class ComfyServer:
             os.makedirs(d, exist_ok=True)
         cmd = [PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--output-directory", self.output_dir, "--temp-directory", self.temp_dir,
-               "--user-directory", self.user_dir, "--database-url", "sqlite:///:memory:",
-               "--disable-api-nodes", "--disable-auto-launch"]
+               "--user-directory", self.user_dir, "--database-url", "sqlite:///:memory:", "--disable-auto-launch"]
+        if self.disable_api_nodes:
+            cmd.append("--disable-api-nodes")
         if self.extra_model_paths:
             yaml_path = os.path.join(self.workdir, "extra_model_paths.yaml")
             with open(yaml_path, "w") as fh:

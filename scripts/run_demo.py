@@ -1,9 +1,12 @@
 """README command 1 (after setup): run the main job through a real ComfyUI server and its API queue.
 
-Today's fullest pipeline: load a pyramid tri-grid + decoder → 360° turntable → MP4 + alpha-mask frames.
-With official files in ``.comfyui/models/portrait3d/`` (a tri-grid such as a gallery ``*_pyramid_trigrid.pth`` and
-``decoder_512.ckpt``) those are used; otherwise the clearly labelled DEMO assets are. Text → tri-grid stages (prompt
-image, inversion, SDS, refinement) are not implemented yet.
+Today's fullest pipeline, from the best inputs found in ``.comfyui/models/portrait3d/``:
+- the official GAN (``model_512.pkl``): a random portrait (seed 42) → tri-grid → 360° turntable with the GAN background
+  + textured GLB (``example_workflows/portrait3d_random_portrait.json``);
+- else an official tri-grid (e.g. a gallery ``*_pyramid_trigrid.pth``) + ``decoder_512.ckpt``: turntable + GLB
+  (``portrait3d_turntable.json``, ``portrait3d_export_mesh.json``);
+- else the clearly labelled DEMO assets, with the same two workflows.
+The text → tri-grid stages (prompt image, inversion, SDS, refinement) are not implemented yet.
 """
 from __future__ import annotations
 
@@ -22,18 +25,54 @@ from portrait3d_core.demo_assets import DEMO_DECODER_NAME, DEMO_TRIGRID_NAME  # 
 
 MODELS = os.path.join(COMFY_DIR, "models", "portrait3d")
 OUTPUT = os.path.join(ROOT, "outputs")
-WORKFLOW = os.path.join(ROOT, "example_workflows", "portrait3d_turntable.json")
+TRIGRID_WORKFLOWS = ("portrait3d_turntable.json", "portrait3d_export_mesh.json")
+GAN_WORKFLOWS = ("portrait3d_random_portrait.json",)
 
 
-def pick_assets() -> tuple[str, str, bool]:
-    """(tri-grid file, decoder file, is_demo): official files when present, else the demo assets."""
+def pick_assets() -> dict:
+    """What to run on: {'gan': file} | {'trigrid': file, 'decoder': file} (official) | the demo assets."""
     files = sorted(os.listdir(MODELS)) if os.path.isdir(MODELS) else []
     official = [f for f in files if not f.startswith(("DEMO_", "TEST_"))]
-    trigrids = [f for f in official if guess_file_kind(os.path.join(MODELS, f)) == "trigrid"]
-    decoders = [f for f in official if guess_file_kind(os.path.join(MODELS, f)) == "decoder"]
+    kinds = {f: guess_file_kind(os.path.join(MODELS, f)) for f in official}
+    gans = [f for f, k in kinds.items() if k == "gan"]
+    gans.sort(key=lambda f: not f.endswith(".safetensors"))      # an earlier conversion loads fastest
+    if gans:
+        return {"gan": gans[0], "demo": False}
+    trigrids = [f for f, k in kinds.items() if k == "trigrid"]
+    decoders = [f for f, k in kinds.items() if k == "decoder"]
     if trigrids and decoders:
-        return trigrids[0], decoders[0], False
-    return DEMO_TRIGRID_NAME, DEMO_DECODER_NAME, True
+        return {"trigrid": trigrids[0], "decoder": decoders[0], "demo": False}
+    return {"trigrid": DEMO_TRIGRID_NAME, "decoder": DEMO_DECODER_NAME, "demo": True}
+
+
+def run_workflow(server, info, path, assets, args) -> int:
+    prompt = ui_to_api(load_workflow(path), info)
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "Portrait3D_LoadTriGrid":
+            inputs["trigrid_file"] = assets["trigrid"]
+        if node["class_type"] == "Portrait3D_LoadDecoder":
+            inputs["decoder_file"] = assets["decoder"]
+        if node["class_type"] == "Portrait3D_LoadGAN":
+            inputs["gan_file"] = assets["gan"]
+        if node["class_type"] == "Portrait3D_RenderTurntable":
+            inputs["frames"] = args.frames or inputs["frames"]
+            inputs["resolution"] = args.resolution or inputs["resolution"]
+    started = time.time()
+    prompt_id = server.queue(prompt)
+    print(f"[demo] {os.path.basename(path)}: queued prompt {prompt_id} through POST /prompt; waiting …", flush=True)
+    entry = server.wait(prompt_id, timeout=3600)
+    if entry["status"]["status_str"] != "success":
+        print(f"[demo] FAILED: {execution_error(entry)}", file=sys.stderr)
+        return 1
+    print(f"[demo] finished in {time.time() - started:.0f} s")
+    for node_id, out in entry["outputs"].items():
+        items = out.get("images", []) + out.get("3d", [])
+        if items:
+            first = server.output_path(items[0])
+            more = f" (+{len(items) - 1} more)" if len(items) > 1 else ""
+            print(f"[demo]   {prompt[node_id]['_meta']['title']}: {os.path.relpath(first, ROOT)}{more}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -42,12 +81,17 @@ def main(argv=None) -> int:
     parser.add_argument("--resolution", type=int, default=None, help="frame size (default: the workflow's 160)")
     args = parser.parse_args(argv)
 
-    trigrid_file, decoder_file, demo = pick_assets()
-    if demo:
+    assets = pick_assets()
+    if assets["demo"]:
         print("[demo] No official Portrait3D files found in .comfyui/models/portrait3d/ — running on the DEMO assets "
               "(analytic head tri-grid + hand-set decoder), not on real weights. See README › Official weights.")
+        workflows = TRIGRID_WORKFLOWS
+    elif "gan" in assets:
+        print(f"[demo] Using the official GAN {assets['gan']}: a random portrait (the first load converts the pickle)")
+        workflows = GAN_WORKFLOWS
     else:
-        print(f"[demo] Using official files: {trigrid_file} + {decoder_file}")
+        print(f"[demo] Using official files: {assets['trigrid']} + {assets['decoder']}")
+        workflows = TRIGRID_WORKFLOWS
     os.makedirs(OUTPUT, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="p3d-comfy-") as work:
         server = ComfyServer(work)
@@ -55,31 +99,10 @@ def main(argv=None) -> int:
         print("[demo] starting ComfyUI 0.3.75 on 127.0.0.1 (CPU) …")
         server.start()
         try:
-            prompt = ui_to_api(load_workflow(WORKFLOW), server.object_info())
-            for node in prompt.values():
-                if node["class_type"] == "Portrait3D_LoadTriGrid":
-                    node["inputs"]["trigrid_file"] = trigrid_file
-                if node["class_type"] == "Portrait3D_LoadDecoder":
-                    node["inputs"]["decoder_file"] = decoder_file
-                if node["class_type"] == "Portrait3D_RenderTurntable":
-                    if args.frames:
-                        node["inputs"]["frames"] = args.frames
-                    if args.resolution:
-                        node["inputs"]["resolution"] = args.resolution
-            started = time.time()
-            prompt_id = server.queue(prompt)
-            print(f"[demo] queued prompt {prompt_id} through POST /prompt; waiting …")
-            entry = server.wait(prompt_id, timeout=3600)
-            if entry["status"]["status_str"] != "success":
-                print(f"[demo] FAILED: {execution_error(entry)}", file=sys.stderr)
-                return 1
-            print(f"[demo] finished in {time.time() - started:.0f} s")
-            for node_id, out in entry["outputs"].items():
-                items = out.get("images", [])
-                if items:
-                    first = server.output_path(items[0])
-                    more = f" (+{len(items) - 1} more)" if len(items) > 1 else ""
-                    print(f"[demo] {prompt[node_id]['_meta']['title']}: {os.path.relpath(first, ROOT)}{more}")
+            info = server.object_info()
+            for name in workflows:
+                if run_workflow(server, info, os.path.join(ROOT, "example_workflows", name), assets, args) != 0:
+                    return 1
         finally:
             server.stop()
     return 0

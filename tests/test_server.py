@@ -26,6 +26,7 @@ OUR_NODES = {
                                    ["IMAGE", "MASK", "MASK", "IMAGE", "PORTRAIT3D_CAMERA"]),
     "Portrait3D_SaveTriGrid": (["PORTRAIT3D_TRIGRID"], ["STRING"]),
     "Portrait3D_LoadGAN": ([], ["PORTRAIT3D_GAN"]),
+    "Portrait3D_ExportMesh": (["PORTRAIT3D_TRIGRID", "PORTRAIT3D_DECODER"], ["STRING", "MESH"]),
     "Portrait3D_TriGridSynthesis": (["PORTRAIT3D_GAN", "PORTRAIT3D_CAMERA"],
                                     ["PORTRAIT3D_TRIGRID", "PORTRAIT3D_DECODER", "IMAGE"]),
 }
@@ -54,6 +55,12 @@ def _prompt_for_tests(workflow, info, frames=None, resolution=None):
             inputs["frames"] = frames
         if resolution is not None and "resolution" in inputs:
             inputs["resolution"] = resolution
+        if "texture_size" in inputs:
+            inputs["texture_size"] = 256
+    if any(n["class_type"] == "Portrait3D_LoadGAN" for n in prompt.values()):
+        for node in prompt.values():       # the oracle GAN has random weights: its densities stay low
+            if node["class_type"] == "Portrait3D_ExportMesh":
+                node["inputs"].update(threshold="custom", custom_density=0.5)
     return prompt
 
 
@@ -141,19 +148,36 @@ def _check_random_portrait(server, prompt, outputs):
     assert preview.size == (128, 128)          # reduced oracle model: SR output 128² (512² for the real model)
 
 
+def _check_export(server, prompt, outputs):
+    """The history names the GLB (ui '3d' like core SaveGLB) and Preview3D got the same path; the file is a mesh."""
+    import trimesh
+
+    export_node, _ = _node(prompt, "Portrait3D_ExportMesh")
+    item = outputs[export_node]["3d"][0]
+    path = server.output_path(item)
+    assert os.path.isfile(path) and path.endswith(".glb")
+    preview_node, _ = _node(prompt, "Preview3D")
+    assert outputs[preview_node]["result"][0] == os.path.relpath(path, server.output_dir)
+    scene = trimesh.load(path)
+    mesh = next(iter(scene.geometry.values()))
+    assert len(mesh.faces) > 100 and mesh.visual.kind == "texture"
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=os.path.basename)
 def test_server_runs_example_workflow(comfy_server, path):
     frames = 6
     prompt = _prompt_for_tests(load_workflow(path), comfy_server.object_info(), frames=frames, resolution=64)
     outputs = comfy_server.run(prompt, timeout=900)["outputs"]
     kinds = {n["class_type"] for n in prompt.values()}
+    if "Portrait3D_ExportMesh" in kinds:
+        _check_export(comfy_server, prompt, outputs)
     if "SaveVideo" in kinds:
         _check_video(comfy_server, prompt, outputs, frames)
     if "Portrait3D_TriGridSynthesis" in kinds:
         _check_random_portrait(comfy_server, prompt, outputs)
     elif "Portrait3D_RenderTurntable" in kinds:
         _check_turntable_masks(comfy_server, prompt, outputs, frames)
-    else:
+    elif "Portrait3D_RenderTriGrid" in kinds:
         _check_view(comfy_server, prompt, outputs)
     assert len(WORKFLOWS) >= 3
 
