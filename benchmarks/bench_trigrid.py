@@ -6,7 +6,8 @@ Workloads (real 7-level pyramid R = 8 … 512, 36 channels, batch 1, fp32):
 - sampling at 262,144 points: forward (no grad) and forward + backward w.r.t. the tri-grid features, for two point
   sets: ``rays`` = the samples of a 64 × 64-ray, 64-sample render through the box (ordered along rays, as every stage
   of the pipeline produces them) and ``uniform`` = uniform in the box ±1.1 (random order, the cache-hostile worst case);
-- a full 128² render (48 + 48 samples) forward + backward w.r.t. the tri-grid (``render_image`` with each backend).
+- a full 128² render (48 + 48 samples) forward + backward w.r.t. the tri-grid (``render_image`` with each backend);
+- for the memory bound of chunked rendering: one 512² render at 96 + 96 samples, forward only (fast path, 1 run).
 Each figure is the median of 7 runs after 2 warm-ups, measured in a fresh process per method; peak memory is the
 process's resident high-water mark above its level before the timed loop (VmHWM after a reset), which counts
 outputs, gradients and temporaries but not the 151 MB tri-grid itself. The fast path holds the tri-grid in its kernel
@@ -75,12 +76,12 @@ def _points(kind: str):
     return (pts.reshape(1, N_POINTS, 3) * (2 / 0.7)).contiguous()
 
 
-def _time(fn):
-    for _ in range(WARMUP):
+def _time(fn, warmup=WARMUP, runs=RUNS):
+    for _ in range(warmup):
         fn()
     base = _reset_peak()
     times = []
-    for _ in range(RUNS):
+    for _ in range(runs):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -102,6 +103,24 @@ def measure(method: str, workload: str) -> dict:
         pass
     g = torch.Generator().manual_seed(1)
     official = [torch.randn(1, 3, 36, r, r, generator=g) for r in RESOLUTIONS]
+    if workload == "render512":
+        from portrait3d_core import cameras
+        from portrait3d_core.decoder import Decoder
+        from portrait3d_core.renderer import RenderSettings, render_image
+        from portrait3d_core.trigrid import TriGrid
+
+        torch.manual_seed(2)
+        trigrid = TriGrid([x * 0.5 for x in official], torch.randn(1, 14, 512))
+        decoder = Decoder().requires_grad_(False)
+        c = cameras.camera_label(cameras.yaw_pitch_pose(20.0, 5.0))
+        settings = RenderSettings(backend=method).portrait3d(coarse_samples=96, fine_samples=96)
+        trigrid.kernel_levels()                                  # converted once, outside the timed call
+
+        def run():
+            with torch.no_grad():
+                render_image(trigrid, decoder, c, 512, settings)
+        median, peak = _time(run, warmup=0, runs=1)
+        return {"fwd": median, "peak_fwd": peak}
     if workload == "render":
         from portrait3d_core import cameras
         from portrait3d_core.decoder import Decoder
@@ -162,12 +181,13 @@ def main() -> None:
     print(f"tri-grid: 7 levels {RESOLUTIONS}, 36 channels; {N_POINTS} points; median of {RUNS} after {WARMUP} "
           f"warm-ups; 2 threads; one process per measurement")
     results = {}
-    for workload in ("rays", "uniform", "render"):
-        for method in ("reference", "cpu"):
+    for workload in ("rays", "uniform", "render", "render512"):
+        for method in (("cpu",) if workload == "render512" else ("reference", "cpu")):
             results[(method, workload)] = r = _child(method, workload)
             parts = [f"{k}={v * 1000:8.1f} ms" if not k.startswith("peak") else f"{k}={v:7.1f} MB"
                      for k, v in r.items()]
-            label = "render 128² 48+48 fwd+bwd" if workload == "render" else f"sampling [{workload}]"
+            label = {"render": "render 128² 48+48 fwd+bwd", "render512": "render 512² 96+96 fwd (1 run)"}.get(
+                workload, f"sampling [{workload}]")
             print(f"{label:<28} {method:<9} " + "  ".join(parts), flush=True)
     for workload in ("rays", "uniform", "render"):
         ref, fast = results[("reference", workload)], results[("cpu", workload)]

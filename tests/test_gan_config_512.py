@@ -15,9 +15,8 @@ from conftest import ROOT
 from portrait3d_core.gan.config import GeneratorConfig
 from portrait3d_core.gan.generator import PortraitGenerator
 
-_CANDIDATES = ("/work/shared/fixtures/portrait_gan_oracle/keys_and_shapes_512.txt",
-               os.path.join(ROOT, "..", "shared", "fixtures", "portrait_gan_oracle", "keys_and_shapes_512.txt"))
-KEYS_512 = next((p for p in _CANDIDATES if os.path.isfile(p)), _CANDIDATES[0])
+SHARED_ORACLE = os.path.join(ROOT, "..", "shared", "fixtures", "portrait_gan_oracle")   # fixed location (../shared)
+KEYS_512 = os.path.join(SHARED_ORACLE, "keys_and_shapes_512.txt")
 
 
 def read_reference():
@@ -92,14 +91,7 @@ def test_official_512_kwargs_give_the_full_config():
     """``init_kwargs_512`` (train.py stage-3 kwargs) + the default literals = ``full_512()``."""
     import json
 
-    from conftest import FIXTURES
-
-    path = os.path.join(FIXTURES, "generator_config.json")
-    if not os.path.isfile(path):
-        pytest.skip("generator_config.json not available")
-    with open(path, encoding="utf-8") as fh:
-        kwargs = json.load(fh).get("init_kwargs_512")
-    if kwargs is None:
-        pytest.skip("no init_kwargs_512 in generator_config.json")
+    with open(os.path.join(SHARED_ORACLE, "generator_config.json"), encoding="utf-8") as fh:
+        kwargs = json.load(fh)["init_kwargs_512"]
     cfg = GeneratorConfig.from_init_kwargs(kwargs)
     assert cfg.replace(rendering_kwargs={}) == GeneratorConfig.full_512().replace(rendering_kwargs={})

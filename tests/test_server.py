@@ -257,3 +257,9 @@ def test_server_interrupt_stops_a_long_turntable_within_5_seconds(comfy_server):
                       "2": {"class_type": "Portrait3D_LoadTriGrid", "inputs": {"trigrid_file": TEST_TRIGRID}},
                       "3": {"class_type": "Portrait3D_SaveTriGrid",
                             "inputs": {"trigrid": ["2", 0], "filename_prefix": "tests/after", "prompt": "ok"}}})
+
+
+def test_server_lists_example_workflows_as_templates(comfy_server):
+    templates = comfy_server.get("/api/workflow_templates")
+    ours = templates.get("comfyui-portrait3d", [])
+    assert sorted(ours) == sorted(os.path.splitext(os.path.basename(p))[0] for p in WORKFLOWS)
