@@ -65,6 +65,16 @@ def _settings(samples, ray_start, ray_end) -> RenderSettings:
     return RenderSettings(ray_start=ray_start, ray_end=ray_end, coarse_samples=samples, fine_samples=samples)
 
 
+def _render(trigrid, decoder, labels, resolution, samples, ray_start, ray_end, background, background_colour, gan):
+    """Render every camera of ``labels`` (progress per view, cancel per chunk) → IMAGE, MASK, depth MASK, depth IMAGE."""
+    progress = host.Progress(labels.shape[0])
+    with torch.no_grad():
+        result = render_views(trigrid.select(0), decoder, labels, resolution, _settings(samples, ray_start, ray_end),
+                              background=_background_hook(background, gan, trigrid),
+                              on_chunk=progress.check_cancel, on_view=progress)
+    return _render_outputs(result, decoder, background, background_colour)
+
+
 def _render_outputs(result, decoder, background, background_colour):
     rgb = result.image
     if background == "colour":
@@ -137,13 +147,8 @@ class RenderTriGrid(io.ComfyNode):
             labels = expect_cameras(camera)
         else:
             labels = cameras.camera_label(cameras.yaw_pitch_pose(yaw, pitch, radius), focal)
-        progress = host.Progress(labels.shape[0])
-        with torch.no_grad():
-            result = render_views(trigrid.select(0), decoder, labels, resolution,
-                                  _settings(samples, ray_start, ray_end),
-                                  background=_background_hook(background, gan, trigrid),
-                                  on_chunk=progress.check_cancel, on_view=progress)
-        return io.NodeOutput(*_render_outputs(result, decoder, background, background_colour))
+        return io.NodeOutput(*_render(trigrid, decoder, labels, resolution, samples, ray_start, ray_end, background,
+                                      background_colour, gan))
 
 
 PRESETS = ["custom", "paper_360", "paper_small_orbit"]
@@ -183,10 +188,5 @@ class RenderTurntable(io.ComfyNode):
             labels = cameras.orbit_labels(frames, elevation, radius, focal)
         else:
             labels = cameras.preset_labels(preset, radius, focal)
-        progress = host.Progress(labels.shape[0])
-        with torch.no_grad():
-            result = render_views(trigrid.select(0), decoder, labels, resolution,
-                                  _settings(samples, ray_start, ray_end),
-                                  background=_background_hook(background, gan, trigrid),
-                                  on_chunk=progress.check_cancel, on_view=progress)
-        return io.NodeOutput(*_render_outputs(result, decoder, background, background_colour), labels)
+        return io.NodeOutput(*_render(trigrid, decoder, labels, resolution, samples, ray_start, ray_end, background,
+                                      background_colour, gan), labels)

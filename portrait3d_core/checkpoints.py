@@ -201,6 +201,13 @@ def load_torch_zip(path) -> Any:
                               f"numpy scalars are accepted; nothing in the file was executed.") from None
 
 
+def is_safetensors(path) -> bool:
+    """True when ``path`` starts like a safetensors file (8-byte header length, then a JSON object)."""
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
 def load_any(path, policy: str = TENSOR_ONLY) -> Any:
     """Read a ``torch.save`` zip or a plain pickle, whichever ``path`` is."""
     if not os.path.isfile(path):

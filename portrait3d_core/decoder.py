@@ -184,9 +184,7 @@ def load_decoder(path: str) -> Decoder:
     source = os.fspath(path)
     if not os.path.isfile(source):
         raise CheckpointError(f"{source}: decoder file not found")
-    with open(source, "rb") as fh:
-        head = fh.read(9)
-    if len(head) == 9 and head[8:9] == b"{":
+    if checkpoints.is_safetensors(source):
         from safetensors.torch import load_file
 
         try:

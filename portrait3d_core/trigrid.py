@@ -192,12 +192,6 @@ def trigrid_from_state(state: dict, *, source: str = "tri-grid", box_warp: float
         raise CheckpointError(f"{source}: {exc}") from None
 
 
-def _is_safetensors(path: str) -> bool:
-    with open(path, "rb") as fh:
-        head = fh.read(9)
-    return len(head) == 9 and head[8:9] == b"{"
-
-
 def load_trigrid(path: str) -> TriGrid:
     """Read any supported tri-grid file (format detected from the content, not the name)."""
     source = os.fspath(path)
@@ -205,7 +199,7 @@ def load_trigrid(path: str) -> TriGrid:
         raise CheckpointError(f"{source}: tri-grid file not found")
     if os.path.getsize(source) == 0:
         raise CheckpointError(f"{source}: the file is empty")
-    if _is_safetensors(source):
+    if checkpoints.is_safetensors(source):
         from safetensors import safe_open
         from safetensors import SafetensorError
 
@@ -224,7 +218,7 @@ def load_trigrid(path: str) -> TriGrid:
 
 def read_metadata(path: str) -> dict:
     """Metadata of one of our safetensors tri-grids ({} for official files)."""
-    if not _is_safetensors(path):
+    if not checkpoints.is_safetensors(path):
         return {}
     with open(path, "rb") as fh:
         n = int.from_bytes(fh.read(8), "little")

@@ -298,17 +298,11 @@ def convert_checkpoint(path, out_dir: Optional[str] = None, *, overwrite: bool =
 
 # --------------------------------------------------------------------------------------------------- loading
 
-def _is_safetensors(path: str) -> bool:
-    with open(path, "rb") as fh:
-        head = fh.read(9)
-    return len(head) == 9 and head[8:9] == b"{"
-
-
 def read_manifest(path: str) -> dict:
     """The manifest of a converted model: from the ``.portrait3d.json`` or the generator safetensors metadata."""
     source = os.fspath(path)
     try:
-        if _is_safetensors(source):
+        if checkpoints.is_safetensors(source):
             from safetensors import safe_open
 
             with safe_open(source, framework="pt") as fh:
@@ -352,7 +346,7 @@ def _generator_from(state: dict, config: GeneratorConfig, source: str, device) -
 def _load_converted(path: str, device) -> PortraitGenerator:
     source = os.fspath(path)
     manifest = read_manifest(source)
-    if _is_safetensors(source):
+    if checkpoints.is_safetensors(source):
         generator_file = source
     else:
         generator_file = os.path.join(os.path.dirname(os.path.abspath(source)), manifest["generator"]["file"])
@@ -435,7 +429,7 @@ def load_generator(path, cache_dir: Optional[str] = None, *, device="cpu") -> Po
         raise CheckpointError(f"{source}: file not found")
     if os.path.getsize(source) == 0:
         raise CheckpointError(f"{source}: the file is empty")
-    if _is_safetensors(source) or source.endswith(".json"):
+    if checkpoints.is_safetensors(source) or source.endswith(".json"):
         return _load_converted(source, device)
     paths, ckpt = ensure_converted(source, cache_dir)
     if paths is not None:
@@ -447,7 +441,7 @@ def load_generator(path, cache_dir: Optional[str] = None, *, device="cpu") -> Po
 def load_discriminator_state(path, cache_dir: Optional[str] = None) -> dict:
     """The ``D_ema`` state dict (official key names) from a converted model or the official pickle."""
     source = os.fspath(path)
-    if _is_safetensors(source) or source.endswith(".json"):
+    if checkpoints.is_safetensors(source) or source.endswith(".json"):
         manifest = read_manifest(source)
         directory = os.path.dirname(os.path.abspath(source))
     else:
