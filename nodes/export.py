@@ -80,7 +80,8 @@ class ExportMesh(io.ComfyNode):
         level = {"default": None, "custom": float(custom_density)}.get(threshold, threshold)
         out_dir = folder_paths.get_output_directory()
         progress = host.Progress(1000)
-        result = export_mesh(trigrid.select(0), decoder, out_dir, filename_prefix, format, resolution=resolution,
+        trigrid = host.on_compute_device(trigrid.select(0), decoder)
+        result = export_mesh(trigrid, decoder, out_dir, filename_prefix, format, resolution=resolution,
                              threshold=level, texture_size=texture_size, colour=colour,
                              decimate_faces=decimate_faces or None, smooth_iterations=smooth_iterations,
                              close_holes=close_holes, prompt=prompt or trigrid.meta.get("prompt"),

@@ -80,6 +80,7 @@ class TriGridSynthesis(io.ComfyNode):
         seeds = [(seed + i) % 2**32 for i in range(batch_size)]
         progress = host.Progress(2 * batch_size)
         cutoff = min(truncation_cutoff, generator.num_ws)
+        host.on_compute_device(None, generator)
         trigrid = synthesize_trigrids(generator, seeds, truncation_psi, cutoff, c_cond,
                                       progress=lambda done, total: progress(done, 2 * batch_size))
         images = []
@@ -96,4 +97,4 @@ class TriGridSynthesis(io.ComfyNode):
             image = host.to_image(torch.cat(images))
         else:
             image = torch.zeros(batch_size, 64, 64, 3)
-        return io.NodeOutput(trigrid, generator.decoder_view(), image)
+        return io.NodeOutput(host.to_storage(trigrid), generator.decoder_view(), image)

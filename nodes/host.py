@@ -50,6 +50,26 @@ def writable_cache_dir() -> str:
     return path
 
 
+def compute_device() -> torch.device:
+    """ComfyUI's compute device (CUDA when available and not --cpu)."""
+    return comfy.model_management.get_torch_device()
+
+
+def on_compute_device(trigrid, *modules):
+    """The tri-grid on the compute device (a copy if it was elsewhere); modules are moved in place."""
+    device = compute_device()
+    for module in modules:
+        if module is not None:
+            module.to(device)
+    return trigrid if trigrid is None or trigrid.device == device else trigrid.to(device)
+
+
+def to_storage(trigrid):
+    """Tri-grids travel between nodes on ComfyUI's intermediate device (the CPU unless --gpu-only)."""
+    device = comfy.model_management.intermediate_device()
+    return trigrid if trigrid.device == device else trigrid.to(device)
+
+
 class Progress:
     """ComfyUI progress bar over ``total`` steps; every call is also a cancel point."""
 

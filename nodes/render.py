@@ -68,8 +68,9 @@ def _settings(samples, ray_start, ray_end) -> RenderSettings:
 def _render(trigrid, decoder, labels, resolution, samples, ray_start, ray_end, background, background_colour, gan):
     """Render every camera of ``labels`` (progress per view, cancel per chunk) → IMAGE, MASK, depth MASK, depth IMAGE."""
     progress = host.Progress(labels.shape[0])
+    trigrid = host.on_compute_device(trigrid.select(0), decoder, gan if background == "gan" else None)
     with torch.no_grad():
-        result = render_views(trigrid.select(0), decoder, labels, resolution, _settings(samples, ray_start, ray_end),
+        result = render_views(trigrid, decoder, labels, resolution, _settings(samples, ray_start, ray_end),
                               background=_background_hook(background, gan, trigrid),
                               on_chunk=progress.check_cancel, on_view=progress)
     return _render_outputs(result, decoder, background, background_colour)
