@@ -35,6 +35,11 @@ import torch
 import triton
 import triton.language as tl
 
+MIN_TRITON = (3, 4)
+if tuple(int(x) for x in triton.__version__.split(".")[:2] if x.isdigit()) < MIN_TRITON:
+    raise ImportError(f"triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))} (the kernels pass "
+                      f"tuples of tensors); the reference path is used instead")
+
 from . import TriGridSamplingError
 
 try:  # the interpreter's function type; absent names mean a compiled (GPU) runtime

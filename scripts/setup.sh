@@ -83,8 +83,8 @@ EOF
   tv_spec="torchvision"; [ "$TORCH_VER" = "2.13.0" ] && tv_spec="$TV_PIN"
   "$PY" -m pip install -q -c "$PIN" "$tv_spec" requests -r "$REQ"
 
-  log "installing this package's requirements and the test tools"
-  "$PY" -m pip install -q -c "$PIN" -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt"
+  log "installing this package's requirements, triton (unpinned, >= 3.4) and the test tools"
+  "$PY" -m pip install -q -c "$PIN" -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt" "triton>=3.4"
   rm -f "$PIN" "$REQ"
 
   # torchvision 0.28.0 on PyPI is a CUDA build; with the CPU torch its import dies on missing op schemas.
