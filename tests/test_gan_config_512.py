@@ -1,7 +1,7 @@
 """The full-size 512 generator config builds (on the meta device) with exactly the official state-dict layout.
 
-Reference: ``keys_and_shapes_512.txt`` of the shared oracle folder at its fixed location (built from the unmodified
-official code): 446 keys in order with ``renderer.*`` (SMPL buffers), 428 without.
+Reference: ``keys_and_shapes_512.txt`` of the generator oracle folder (``conftest.FIXTURES``; built from the
+unmodified official code): 446 keys in order with ``renderer.*`` (SMPL buffers), 428 without.
 """
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ import re
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import FIXTURES
 from portrait3d_core.gan.config import GeneratorConfig
 from portrait3d_core.gan.generator import PortraitGenerator
 
-SHARED_ORACLE = os.path.join(ROOT, "..", "shared", "fixtures", "portrait_gan_oracle")   # fixed location (../shared)
-KEYS_512 = os.path.join(SHARED_ORACLE, "keys_and_shapes_512.txt")
+KEYS_512 = os.path.join(FIXTURES, "keys_and_shapes_512.txt")
 
 
 def read_reference():
@@ -91,7 +90,7 @@ def test_official_512_kwargs_give_the_full_config():
     """``init_kwargs_512`` (train.py stage-3 kwargs) + the default literals = ``full_512()``."""
     import json
 
-    with open(os.path.join(SHARED_ORACLE, "generator_config.json"), encoding="utf-8") as fh:
+    with open(os.path.join(FIXTURES, "generator_config.json"), encoding="utf-8") as fh:
         kwargs = json.load(fh)["init_kwargs_512"]
     cfg = GeneratorConfig.from_init_kwargs(kwargs)
     assert cfg.replace(rendering_kwargs={}) == GeneratorConfig.full_512().replace(rendering_kwargs={})

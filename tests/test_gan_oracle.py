@@ -1,7 +1,6 @@
 """The re-implemented 3DPortraitGAN-Pyramid generator against the official-code oracle fixtures.
 
-The fixture folder is ``PORTRAIT3D_ORACLE_DIR`` (default ``../shared/fixtures/portrait_gan_oracle`` beside the repo;
-``conftest.FIXTURES``). Only these files are read: ``generator_config.json``, ``generator_state_dict.safetensors``,
+The fixture folder is ``conftest.FIXTURES`` (``tests/fixtures/portrait_gan_oracle``, or ``$PORTRAIT3D_ORACLE_DIR``). Only these files are read: ``generator_config.json``, ``generator_state_dict.safetensors``,
 ``trigrid_sampling.safetensors`` and every ``case_*.safetensors``. Every input comes from a case file (``input.*``
 tensors and the ``__metadata__`` header: cameras, resolution, sample counts, noise mode, ψ / cutoff) or from the
 config; EVERY stored tensor of every case is compared with max|Δ| ≤ 1e-4·max(1, max|ref|).
