@@ -141,6 +141,37 @@ class MeshData:
         return out
 
 
+def batch_tensors(meshes: list) -> dict:
+    """Several meshes as one zero-padded batch for ComfyUI's MESH: ``as_tensors`` fields stacked to ``[B, N_max, …]``
+    / ``[B, M_max, 3]``, plus ``vertex_counts`` / ``face_counts`` ``[B]`` int64 (the real lengths) when B > 1.
+
+    Padding rows are zeros: padded vertices sit at the origin (the neck, inside every portrait's bounds) and padded
+    faces are the degenerate triangle (0, 0, 0), so a host that ignores the counts still draws nothing extra.
+    """
+    if not meshes:
+        raise InvalidInputError("batch_tensors needs at least one mesh")
+    items = [m.as_tensors() for m in meshes]
+    if len(items) == 1:
+        return items[0]
+    keys = [k for k in items[0] if all(k in item for item in items)]
+    out = {}
+    for key in keys:
+        tensors = [item[key][0] for item in items]
+        if key == "texture":
+            if any(t.shape != tensors[0].shape for t in tensors):
+                raise InvalidInputError("meshes of one batch need textures of one size")
+            out[key] = torch.stack(tensors)
+            continue
+        rows = max(t.shape[0] for t in tensors)
+        padded = tensors[0].new_zeros((len(tensors), rows) + tuple(tensors[0].shape[1:]))
+        for i, t in enumerate(tensors):
+            padded[i, :t.shape[0]] = t
+        out[key] = padded
+    out["vertex_counts"] = torch.tensor([m.num_vertices for m in meshes], dtype=torch.int64)
+    out["face_counts"] = torch.tensor([m.num_faces for m in meshes], dtype=torch.int64)
+    return out
+
+
 class _Progress:
     """Maps a stage's own (done, total) onto a slice [start, stop) of one overall 0…``total`` scale."""
 

@@ -268,20 +268,21 @@ def render_views(trigrid: TriGrid, decoder: Decoder, c: torch.Tensor, resolution
                  generator: Optional[torch.Generator] = None,
                  on_chunk: Optional[Callable[[int, int], None]] = None,
                  on_view: Optional[Callable[[int, int], None]] = None) -> RenderResult:
-    """Render N views ``c [N, 25]`` of a batch-1 tri-grid one at a time (bounded memory) → batched result.
+    """Render every tri-grid of a batch of B from each of the N cameras ``c [N, 25]``, one view at a time (bounded
+    memory) → a result of B·N views, **item-major**: view ``b·N + n`` is tri-grid b seen from camera n.
 
-    ``on_chunk(done, total)`` runs after each ray chunk and ``on_view(done, total)`` after each view; either may raise
+    ``on_chunk(done, total)`` runs after each ray chunk and ``on_view(done, B·N)`` after each view; either may raise
     to cancel.
     """
-    if trigrid.batch_size != 1:
-        raise InvalidInputError(f"render_views renders one tri-grid from many cameras; got a batch of "
-                                f"{trigrid.batch_size} (select one with TriGrid.select)")
+    n_views, total = c.shape[0], trigrid.batch_size * c.shape[0]
     results = []
-    for i in range(c.shape[0]):
-        results.append(render_image(trigrid, decoder, c[i:i + 1], resolution, settings, background=background,
-                                    generator=generator, progress=on_chunk))
-        if on_view is not None:
-            on_view(i + 1, c.shape[0])
+    for b in range(trigrid.batch_size):
+        item = trigrid if trigrid.batch_size == 1 else trigrid.select(b)
+        for i in range(n_views):
+            results.append(render_image(item, decoder, c[i:i + 1], resolution, settings, background=background,
+                                        generator=generator, progress=on_chunk))
+            if on_view is not None:
+                on_view(len(results), total)
     cat = lambda name: torch.cat([getattr(r, name) for r in results])  # noqa: E731
     bg = torch.cat([r.background for r in results]) if background is not None else None
     return RenderResult(cat("image"), cat("features"), cat("features_raw"), cat("depth"), cat("weight_sum"), bg)
