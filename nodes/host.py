@@ -1,6 +1,7 @@
 """Glue to the ComfyUI host: model folders, progress + cancel, tensor conversions. No method math here."""
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -83,6 +84,45 @@ class Progress:
     def __call__(self, done: int, total: int | None = None) -> None:
         self.check_cancel()
         self.bar.update_absolute(done, total)
+
+
+def provenance(hidden) -> dict:
+    """ComfyUI's hidden ``prompt`` / ``extra_pnginfo`` (``cls.hidden`` of an output node) as ``{key: JSON string}``
+    for the core writers, the way core SaveImage / SaveGLB embed them; {} under ``--disable-metadata``."""
+    from comfy.cli_args import args
+
+    if args.disable_metadata or hidden is None:
+        return {}
+    out = {}
+    if hidden.prompt is not None:
+        out["prompt"] = json.dumps(hidden.prompt)
+    for key, value in (hidden.extra_pnginfo or {}).items():
+        out[str(key)] = json.dumps(value)
+    return out
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+MESH_EXTENSIONS = (".glb", ".gltf", ".obj", ".ply", ".stl", ".fbx")
+
+
+def output_entries(paths) -> dict:
+    """UI entries ``{filename, subfolder, type: "output"}`` for files in the output folder, as core save nodes report
+    them (so API clients find every file in ``/history``): meshes under ``"3d"`` (the key of core SaveGLB), images
+    under ``"images"``, every other file (.mtl, .mrc, tri-grids) under ``"files"``."""
+    out_dir = folder_paths.get_output_directory()
+    groups = {}
+    for path in paths:
+        subfolder, filename = os.path.split(os.path.relpath(path, out_dir))
+        ext = os.path.splitext(filename)[1].lower()
+        key = "3d" if ext in MESH_EXTENSIONS else "images" if ext in IMAGE_EXTENSIONS else "files"
+        groups.setdefault(key, []).append({"filename": filename, "subfolder": subfolder.replace(os.sep, "/"),
+                                           "type": "output"})
+    return groups
+
+
+def output_relpath(path: str) -> str:
+    """A file in the output folder as the ``/``-separated relative path Preview3D's ``model_file`` takes."""
+    return os.path.relpath(path, folder_paths.get_output_directory()).replace(os.sep, "/")
 
 
 def to_image(rgb: torch.Tensor) -> torch.Tensor:

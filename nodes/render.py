@@ -66,9 +66,10 @@ def _settings(samples, ray_start, ray_end) -> RenderSettings:
 
 
 def _render(trigrid, decoder, labels, resolution, samples, ray_start, ray_end, background, background_colour, gan):
-    """Render every camera of ``labels`` (progress per view, cancel per chunk) → IMAGE, MASK, depth MASK, depth IMAGE."""
-    progress = host.Progress(labels.shape[0])
-    trigrid = host.on_compute_device(trigrid.select(0), decoder, gan if background == "gan" else None)
+    """Render every tri-grid of the batch from every camera of ``labels`` (item-major; progress per view over
+    items × cameras, cancel per chunk) → IMAGE, MASK, depth MASK, depth IMAGE."""
+    progress = host.Progress(trigrid.batch_size * labels.shape[0])
+    trigrid = host.on_compute_device(trigrid, decoder, gan if background == "gan" else None)
     with torch.no_grad():
         result = render_views(trigrid, decoder, labels, resolution, _settings(samples, ray_start, ray_end),
                               background=_background_hook(background, gan, trigrid),
@@ -124,9 +125,12 @@ class RenderTriGrid(io.ComfyNode):
             node_id="Portrait3D_RenderTriGrid",
             display_name="Render Tri-grid (Portrait3D)",
             category=CATEGORY,
-            description="Volume-renders a tri-grid from one camera (or every camera of a camera batch).",
+            description="Volume-renders a tri-grid from one camera (or every camera of a camera batch). A batch of "
+                        "tri-grids gives every portrait from every camera, portrait-major: image b·N + n = "
+                        "portrait b from camera n.",
             inputs=[
-                TriGridSocket.Input("trigrid", tooltip="The portrait to render (batch 1)."),
+                TriGridSocket.Input("trigrid", tooltip="The portrait(s) to render: every item of a batch is "
+                                                       "rendered, in order."),
                 DecoderSocket.Input("decoder", tooltip="Decoder + ToRGB matching the tri-grid."),
                 io.Float.Input("yaw", default=0.0, min=-360.0, max=360.0, step=0.5,
                                tooltip="Degrees; 0 = frontal, positive moves the camera toward +x."),
@@ -164,9 +168,11 @@ class RenderTurntable(io.ComfyNode):
             category=CATEGORY,
             description="Renders an orbit around the portrait as an IMAGE batch for ComfyUI's video nodes (30 fps). "
                         "paper_360 = 240 frames, 360° at the horizon; paper_small_orbit = 120 frames, ±20° orbit "
-                        "(Portrait3D's final videos).",
+                        "(Portrait3D's final videos). A batch of B tri-grids gives B turntables one after the "
+                        "other (B × frames images, portrait-major).",
             inputs=[
-                TriGridSocket.Input("trigrid", tooltip="The portrait to render (batch 1)."),
+                TriGridSocket.Input("trigrid", tooltip="The portrait(s) to render: every item of a batch gets its "
+                                                       "own turntable, in order."),
                 DecoderSocket.Input("decoder", tooltip="Decoder + ToRGB matching the tri-grid."),
                 io.Combo.Input("preset", options=PRESETS, default="custom",
                                tooltip="custom uses frames and elevation below; the paper presets fix the path."),
@@ -178,7 +184,8 @@ class RenderTurntable(io.ComfyNode):
                 *_render_inputs(),
             ],
             outputs=[*_OUTPUTS, CameraSocket.Output(display_name="cameras",
-                                                    tooltip="The camera of every frame.")],
+                                                    tooltip="The camera of every frame of one turntable (the same "
+                                                            "for every portrait of a batch).")],
         )
 
     @classmethod

@@ -1,13 +1,12 @@
 """Save Tri-grid: our safetensors format, written atomically under a new name in the output folder."""
 from __future__ import annotations
 
-import os
-
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 import folder_paths
 from portrait3d_core.fileio import save_new
 
+from . import host
 from .types import TriGridSocket, expect_trigrid
 
 
@@ -19,27 +18,34 @@ class SaveTriGrid(io.ComfyNode):
             display_name="Save Tri-grid (Portrait3D)",
             category="Portrait3D/io",
             description="Writes the tri-grid as .safetensors (official key names trigrids_<R>, ws; metadata: "
-                        "box_warp, source, prompt) into the output folder. Never overwrites a file.",
+                        "box_warp, source, description, and the workflow — drop the file on the editor to load "
+                        "it) into the output folder, one file per item of a batch. Never overwrites a file.",
             inputs=[
                 TriGridSocket.Input("trigrid", tooltip="The tri-grid to save (every batch entry gets its own file)."),
                 io.String.Input("filename_prefix", default="portrait3d/trigrid",
                                 tooltip="Path prefix inside ComfyUI's output folder; a counter is appended."),
-                io.String.Input("prompt", default="", multiline=True,
-                                tooltip="Optional text stored in the file's metadata (e.g. the generating prompt)."),
+                io.String.Input("description", default="", multiline=True,
+                                tooltip="Optional text about the portrait stored in the file's metadata "
+                                        "(empty = keep the tri-grid's own)."),
             ],
-            outputs=[io.String.Output(display_name="path", tooltip="Saved file, relative to the output folder.")],
+            outputs=[io.String.Output(display_name="path", is_output_list=True,
+                                      tooltip="Every saved file, relative to the output folder (a list: one path "
+                                              "per item of the batch).")],
+            hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, trigrid, filename_prefix, prompt) -> io.NodeOutput:
+    def execute(cls, trigrid, filename_prefix, description) -> io.NodeOutput:
         trigrid = expect_trigrid(trigrid)
         out_dir = folder_paths.get_output_directory()
+        provenance = host.provenance(cls.hidden)
         paths = []
         for i in range(trigrid.batch_size):
             one = trigrid.select(i)
-            if prompt:
-                one.meta["prompt"] = prompt
-            path = save_new(out_dir, filename_prefix, ".safetensors", lambda tmp: one.save(tmp, overwrite=True))
-            paths.append(os.path.relpath(path, out_dir))
-        return io.NodeOutput(paths[0], ui=ui.PreviewText("\n".join(paths)))
+            if description:
+                one.meta["description"] = description
+            paths.append(save_new(out_dir, filename_prefix, ".safetensors",
+                                  lambda tmp: one.save(tmp, overwrite=True, provenance=provenance)))
+        relative = [host.output_relpath(path) for path in paths]
+        return io.NodeOutput(relative, ui={"text": relative, **host.output_entries(paths)})

@@ -244,7 +244,8 @@ def write_demo_assets(out_dir: str, resolutions=FULL_RESOLUTIONS, force: bool = 
     written = []
     tri_path = os.path.join(out_dir, trigrid_name)
     if force or not os.path.exists(tri_path):
-        analytic_trigrid(resolutions=resolutions, meta={"prompt": "demo head (analytic)"}).save(tri_path, overwrite=True)
+        demo = analytic_trigrid(resolutions=resolutions, meta={"description": "demo head (analytic)"})
+        demo.save(tri_path, overwrite=True)
         written.append(tri_path)
     dec_path = os.path.join(out_dir, decoder_name)
     if force or not os.path.exists(dec_path):

@@ -8,6 +8,10 @@ from typing import Callable
 
 from .errors import Portrait3DError
 
+# Provenance metadata as ComfyUI names it: "prompt" = the API graph, "workflow" = the editor graph (JSON strings).
+# Writers take them as a plain ``{key: str}`` mapping (the ComfyUI nodes build it; the core never imports ComfyUI).
+PROVENANCE_KEYS = ("prompt", "workflow")
+
 
 def atomic_write(path: str, write: Callable[[str], None], *, overwrite: bool = False) -> str:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then publish it atomically as ``path``.

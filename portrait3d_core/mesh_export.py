@@ -8,14 +8,19 @@ own convention is y up and +z "front", so viewers show the portrait upright and 
 
 - ``.glb`` textured (``colour="texture"``): TEXCOORD_0 + a PBR material with ``baseColorTexture`` (PNG),
   ``metallicFactor`` 0, ``roughnessFactor`` 1; no COLOR_0. ``colour="vertex"``: COLOR_0 (RGBA8), no texture.
-  Both carry NORMAL. The prompt and the generating settings are stored in the **scene extras**:
-  ``scenes[0].extras = {"portrait3d": {...}}`` (trimesh reads them back as ``scene.metadata["portrait3d"]``).
+  Both carry NORMAL. The description and the generating settings are stored in the **scene extras**:
+  ``scenes[0].extras = {"portrait3d": {...}}`` (trimesh reads them back as ``scene.metadata["portrait3d"]``). The
+  ``provenance`` strings (ComfyUI's ``prompt`` / ``workflow`` JSON) go into ``asset.extras``, where core SaveGLB
+  writes them and where the ComfyUI editor looks when a .glb is dropped on it.
 - ``.obj``: with ``colour="texture"`` the OBJ references ``<same name>.mtl`` whose ``map_Kd`` is ``<same name>.png``
   (three files; ``vt`` written in the OpenGL convention); with ``colour="vertex"`` one OBJ with ``v x y z r g b``.
-  Settings go into ``#`` comment lines.
+  Settings go into ``#`` comment lines; the provenance strings into the texture PNG's text chunks (as core SaveImage
+  writes them).
 - ``.ply``: binary little-endian, vertex colours (uchar RGBA) and normals; ``.stl``: binary, geometry only. Both use
   the un-split (watertight) mesh.
 - ``.mrc``: the official stage-7 density volume (``pipeline.md`` §7), see ``write_mrc``.
+
+``export_batch`` writes one set of files per tri-grid of a batch.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ import os
 import struct
 import time
 from dataclasses import dataclass, field, replace
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -34,7 +39,7 @@ import torch
 from . import __version__
 from .decoder import Decoder
 from .errors import InvalidInputError, Portrait3DError
-from .fileio import atomic_write, next_free_path, save_new
+from .fileio import PROVENANCE_KEYS, atomic_write, next_free_path, save_new
 from .mesh import (DEFAULT_RESOLUTION, MeshData, MeshSettings, ProgressFn, add_vertex_colours, as_progress,
                    extract_mesh, raw_sigma_at)
 from .mesh_texture import DEFAULT_TEXTURE_SIZE, bake_texture, check_texture_size, unwrap
@@ -45,7 +50,7 @@ COLOUR_MODES = ("texture", "vertex")
 TEXTURE_MAX_FACES = 200_000   # textured exports decimate denser meshes to this first (xatlas ≈ 0.4 ms per face)
 
 # Official shape.mrc layout (EG3D/Portrait3D gen_videos: create_samples + np.flip(axis 0) + border trim)
-MRC_RESOLUTION = 512
+MRC_RESOLUTION = 512          # the paper's lattice; the default of export_mesh(fmt="mrc")
 MRC_CUBE = 0.9
 MRC_PAD_VALUE = -1000.0
 
@@ -64,12 +69,13 @@ class ExportResult:
     stats: dict = field(default_factory=dict)
 
 
-def _metadata(trigrid: TriGrid, prompt: Optional[str], settings: dict, extra: Optional[dict]) -> dict:
+def _metadata(trigrid: TriGrid, description: Optional[str], settings: dict, extra: Optional[dict]) -> dict:
     meta = {"generator": f"comfyui-portrait3d {__version__}",
-            "prompt": prompt if prompt is not None else trigrid.meta.get("prompt"),
+            "description": description if description is not None else trigrid.meta.get("description"),
             "units": "metres", "frame": "y up, face toward +z, neck joint at the origin",
             "settings": settings}
-    source = {k: str(v) for k, v in trigrid.meta.items() if k != "prompt"}
+    skip = {"description", *PROVENANCE_KEYS}      # the tri-grid's own workflow is not this export's provenance
+    source = {k: str(v) for k, v in trigrid.meta.items() if k not in skip}
     if source:
         meta["trigrid"] = source
     if extra:
@@ -79,11 +85,19 @@ def _metadata(trigrid: TriGrid, prompt: Optional[str], settings: dict, extra: Op
 
 # --------------------------------------------------------------------------------------------------- encoders
 
-def _png_bytes(texture: np.ndarray) -> bytes:
+def _png_bytes(texture: np.ndarray, provenance: Optional[Mapping[str, str]] = None) -> bytes:
+    """PNG of an ``[H, W, 3]`` uint8 image; ``provenance`` strings become tEXt chunks (key → value)."""
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
+    info = None
+    if provenance:
+        info = PngInfo()
+        for key, value in provenance.items():
+            info.add_text(str(key), str(value))
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(texture, np.uint8), "RGB").save(buf, format="PNG", optimize=False)
+    Image.fromarray(np.ascontiguousarray(texture, np.uint8), "RGB").save(buf, format="PNG", optimize=False,
+                                                                         pnginfo=info)
     return buf.getvalue()
 
 
@@ -110,8 +124,10 @@ def _trimesh(mesh: MeshData, visual: str):
     return trimesh.Trimesh(**kwargs)
 
 
-def glb_bytes(mesh: MeshData, metadata: dict, colour: str = "texture") -> bytes:
-    """Binary glTF of ``mesh`` (textured or vertex-coloured) with ``metadata`` in ``scenes[0].extras.portrait3d``."""
+def glb_bytes(mesh: MeshData, metadata: dict, colour: str = "texture",
+              provenance: Optional[Mapping[str, str]] = None) -> bytes:
+    """Binary glTF of ``mesh`` (textured or vertex-coloured) with ``metadata`` in ``scenes[0].extras.portrait3d``
+    and the ``provenance`` strings (e.g. ``{"prompt": json, "workflow": json}``) in ``asset.extras``."""
     import trimesh
 
     if colour == "texture" and (mesh.texture is None or mesh.uvs is None):
@@ -123,6 +139,8 @@ def glb_bytes(mesh: MeshData, metadata: dict, colour: str = "texture") -> bytes:
     scene.metadata["portrait3d"] = metadata
 
     def finish_tree(tree):
+        if provenance:
+            tree.setdefault("asset", {}).setdefault("extras", {}).update({str(k): str(v) for k, v in provenance.items()})
         primitives = [p for gl_mesh in tree.get("meshes", []) for p in gl_mesh.get("primitives", [])]
         if colour == "vertex":
             # glTF's default material is fully metallic (viewers then show vertex colours almost black): give the
@@ -205,9 +223,10 @@ def _write_bytes(data: bytes):
     return write
 
 
-def _save_obj_set(out_dir: str, prefix: str, mesh: MeshData, metadata: dict, textured: bool) -> list:
+def _save_obj_set(out_dir: str, prefix: str, mesh: MeshData, metadata: dict, textured: bool,
+                  provenance: Optional[Mapping[str, str]] = None) -> list:
     """Write ``<name>.obj`` (+ ``.mtl`` + ``.png``) under one fresh counter; retries the next counter on a race."""
-    png = _png_bytes(mesh.texture) if textured else None
+    png = _png_bytes(mesh.texture, provenance) if textured else None
     for _ in range(1000):
         obj_path = next_free_path(out_dir, prefix, ".obj")
         stem = obj_path[:-len(".obj")]
@@ -284,6 +303,11 @@ def read_mrc(path: str) -> np.ndarray:
     return np.memmap(path, dtype="<f4", mode="r", offset=offset, shape=(head["nz"], head["ny"], head["nx"]))
 
 
+def mrc_border(resolution: int) -> int:
+    """Voxels set to −1000 on every face of an N³ volume: 60 at the paper's 512, scaled with N (int(30·N/256))."""
+    return int(30 * int(resolution) / 256)
+
+
 def mrc_lattice(resolution: int = MRC_RESOLUTION, cube: float = MRC_CUBE) -> np.ndarray:
     """World coordinates of the MRC lattice on each axis: −cube/2 + i·cube/(N − 1), i = 0 … N − 1 (float64)."""
     return -cube / 2 + np.arange(resolution, dtype=np.float64) * (cube / (resolution - 1))
@@ -305,8 +329,9 @@ def write_mrc(path_or_tmp: str, trigrid: TriGrid, decoder: Decoder, *, resolutio
 
     Layout (Portrait3D stage 7 / EG3D ``gen_videos``): raw σ (no softplus, no crop) on an N³ lattice over a cube of
     side ``cube`` centred at the origin (voxel cube/(N − 1)); the array index [i, j, k] holds σ at
-    (x_i, y_j, z_k) **flipped on axis 0**, i.e. file slab i is x = x_{N−1−i}; a border of int(30·N/256) voxels (60 at
-    512) on every face is −1000; mode 2 float32. In MRC terms the columns (nx, fastest) run along world +z, the rows
+    (x_i, y_j, z_k) **flipped on axis 0**, i.e. file slab i is x = x_{N−1−i}; a border on every face is −1000; mode 2
+    float32. The paper's N is 512 with a 60-voxel border; other N keep the border's share of the cube:
+    ``mrc_border(N)`` = int(30·N/256) voxels (60 at 512, 30 at 256, 7 at 64). In MRC terms the columns (nx, fastest) run along world +z, the rows
     (ny) along world +y, the sections (nz) along world −x.
 
     ``eg3d_skew`` reproduces EG3D's float-division sample positions (y shifted by k/N voxel, x by (j + k/N)/N
@@ -314,8 +339,8 @@ def write_mrc(path_or_tmp: str, trigrid: TriGrid, decoder: Decoder, *, resolutio
     """
     n = int(resolution)
     if n < 8:
-        raise InvalidInputError("MRC resolution must be ≥ 8")
-    pad = int(30 * n / 256)
+        raise InvalidInputError(f"MRC resolution must be ≥ 8, got {n}")
+    pad = mrc_border(n)
     coords = torch.from_numpy(mrc_lattice(n, cube)).float()
     report = as_progress(progress)
     count, total, total_sq = 0, 0.0, 0.0
@@ -401,15 +426,20 @@ def build_mesh(trigrid: TriGrid, decoder: Decoder, *, resolution: int = DEFAULT_
 
 
 def export_mesh(trigrid: TriGrid, decoder: Decoder, out_dir: str, prefix: str = "portrait3d/mesh", fmt: str = "glb",
-                *, resolution: int = DEFAULT_RESOLUTION, threshold: Union[float, str, None] = None,
+                *, resolution: Optional[int] = None, threshold: Union[float, str, None] = None,
                 texture_size: int = DEFAULT_TEXTURE_SIZE, colour: str = "texture",
                 decimate_faces: Optional[int] = None, smooth_iterations: int = 0, close_holes: bool = True,
                 keep_largest: bool = True, texture_max_faces: Optional[int] = TEXTURE_MAX_FACES,
-                prompt: Optional[str] = None, metadata: Optional[dict] = None, mrc_resolution: int = MRC_RESOLUTION,
-                mrc_eg3d_skew: bool = False, progress: ProgressFn = None) -> ExportResult:
+                description: Optional[str] = None, metadata: Optional[dict] = None,
+                provenance: Optional[Mapping[str, str]] = None, mrc_eg3d_skew: bool = False,
+                progress: ProgressFn = None) -> ExportResult:
     """Extract the portrait's mesh and write it as ``fmt`` under ``out_dir/<prefix>_NNNNN_.<fmt>`` (never
     overwriting). ``fmt="mrc"`` writes the official density volume instead (mesh settings unused).
 
+    ``resolution``: lattice points per side; None = ``DEFAULT_RESOLUTION`` (256) for meshes and the paper's
+    ``MRC_RESOLUTION`` (512) for mrc. ``description`` (default: the tri-grid's own) and ``metadata`` go into the
+    file's settings record; ``provenance`` (str → str, e.g. ComfyUI's ``prompt`` / ``workflow`` JSON) into the
+    files that can hold it (GLB ``asset.extras``, the OBJ texture's PNG text chunks).
     ``progress(done, total)`` is called throughout (total 1000) and may raise to cancel; no file is left behind then.
     PLY gets vertex colours, STL geometry only (no texture is baked for them).
     """
@@ -419,22 +449,22 @@ def export_mesh(trigrid: TriGrid, decoder: Decoder, out_dir: str, prefix: str = 
     if colour not in COLOUR_MODES:
         raise InvalidInputError(f"colour must be one of {COLOUR_MODES}, got {colour!r}")
     if trigrid.batch_size != 1:
-        raise InvalidInputError(f"export takes one portrait; this tri-grid has batch {trigrid.batch_size} "
-                                f"(use trigrid.select(i))")
+        raise InvalidInputError(f"export_mesh takes one portrait; this tri-grid has batch {trigrid.batch_size} "
+                                f"(use export_batch, or trigrid.select(i))")
     report = as_progress(progress)
     started = time.perf_counter()
     if fmt == "mrc":
         info = {}
 
         def write(tmp):
-            info.update(write_mrc(tmp, trigrid, decoder, resolution=mrc_resolution, eg3d_skew=mrc_eg3d_skew,
-                                  progress=report))
+            info.update(write_mrc(tmp, trigrid, decoder, resolution=resolution or MRC_RESOLUTION,
+                                  eg3d_skew=mrc_eg3d_skew, progress=report))
         path = save_new(out_dir, prefix, ".mrc", write)
         info["total_s"] = time.perf_counter() - started
         return ExportResult(path, [path], None, info)
 
     textured = colour == "texture" and fmt in ("glb", "obj")
-    mesh = build_mesh(trigrid, decoder, resolution=resolution, threshold=threshold,
+    mesh = build_mesh(trigrid, decoder, resolution=resolution or DEFAULT_RESOLUTION, threshold=threshold,
                       colour="texture" if textured else "vertex", texture_size=texture_size,
                       decimate_faces=decimate_faces, smooth_iterations=smooth_iterations, close_holes=close_holes,
                       keep_largest=keep_largest, texture_max_faces=texture_max_faces,
@@ -444,13 +474,13 @@ def export_mesh(trigrid: TriGrid, decoder: Decoder, out_dir: str, prefix: str = 
     settings.update(colour="texture" if textured else "vertex", format=fmt)
     if textured:
         settings["texture_size"] = int(texture_size)
-    meta = _metadata(trigrid, prompt, settings, metadata)
+    meta = _metadata(trigrid, description, settings, metadata)
     t0 = time.perf_counter()
     if fmt == "glb":
-        data = glb_bytes(mesh, meta, "texture" if textured else "vertex")
+        data = glb_bytes(mesh, meta, "texture" if textured else "vertex", provenance)
         files = [save_new(out_dir, prefix, ".glb", _write_bytes(data))]
     elif fmt == "obj":
-        files = _save_obj_set(out_dir, prefix, mesh, meta, textured)
+        files = _save_obj_set(out_dir, prefix, mesh, meta, textured, provenance)
     elif fmt == "ply":
         files = [save_new(out_dir, prefix, ".ply", _write_bytes(ply_bytes(mesh)))]
     else:
@@ -459,3 +489,16 @@ def export_mesh(trigrid: TriGrid, decoder: Decoder, out_dir: str, prefix: str = 
     mesh.stats["timings"]["total_s"] = time.perf_counter() - started
     report(1.0, 1.0)
     return ExportResult(files[0], files, mesh, dict(mesh.stats))
+
+
+def export_batch(trigrid: TriGrid, decoder: Decoder, out_dir: str, prefix: str = "portrait3d/mesh",
+                 fmt: str = "glb", *, progress: ProgressFn = None, **options) -> list:
+    """``export_mesh`` for every tri-grid of a batch, in order: one ``ExportResult`` (one set of files) per item.
+
+    ``options`` are ``export_mesh``'s keywords; ``progress(done, total)`` runs over the whole batch (total 1000).
+    """
+    report = as_progress(progress)
+    count = trigrid.batch_size
+    return [export_mesh(trigrid.select(i), decoder, out_dir, prefix, fmt, **options,
+                        progress=report.sub(i / count, (i + 1) / count))
+            for i in range(count)]

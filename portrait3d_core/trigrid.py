@@ -7,6 +7,10 @@ official files (``portrait_gan.md`` §1). The released model has 7 square levels
 Files read: official ``trigrid.pkl`` / ``inversion_trigrid.pkl`` (plain pickle, through the restricted unpickler),
 ``df.pth``, ``epoch_*.pth`` and gallery ``*_pyramid_trigrid.pth`` (``{'model': {'trigrids_8', …, 'ws'}}``), and our
 safetensors format (same key names ``trigrids_<R>`` / ``trigrids_<H>x<W>`` and ``ws``, plus metadata).
+
+Metadata of our files (all strings): ``format``, ``format_version``, ``box_warp``, then ``meta`` — ``description``
+(the user's text about the portrait), ``source`` — and the provenance ``prompt`` / ``workflow`` (ComfyUI's API and
+editor graphs as JSON, which the ComfyUI editor loads when the file is dropped on it).
 """
 from __future__ import annotations
 
@@ -21,13 +25,14 @@ import torch
 from . import checkpoints
 from ._kernels import kernels
 from .errors import CheckpointError, InvalidInputError
-from .fileio import atomic_write
+from .fileio import PROVENANCE_KEYS, atomic_write
 
 CHANNELS = 36
 DEPTH = 3
 BOX_WARP = 0.7
 FORMAT_NAME = "portrait3d-trigrid"
 FORMAT_VERSION = "1"
+PER_ITEM_META = ("seed",)    # meta of a batch that holds one comma-separated value per item
 _LEVEL_KEY = re.compile(r"^trigrids_(\d+)(?:x(\d+))?$")
 
 
@@ -118,10 +123,15 @@ class TriGrid:
                        self.box_warp, dict(self.meta))
 
     def select(self, index: int) -> "TriGrid":
-        """One sample of the batch as a batch-1 tri-grid."""
+        """One sample of the batch as a batch-1 tri-grid (per-item meta such as ``seed="3,4"`` narrowed to it)."""
         sl = slice(index, index + 1)
+        meta = dict(self.meta)
+        for key in PER_ITEM_META:
+            parts = str(meta.get(key, "")).split(",")
+            if self.batch_size > 1 and len(parts) == self.batch_size:
+                meta[key] = parts[index]
         return TriGrid([level[sl] for level in self.levels], None if self.ws is None else self.ws[sl],
-                       self.box_warp, dict(self.meta))
+                       self.box_warp, meta)
 
     # ---------------------------------------------------------------------------------------------- files
     def state_dict(self) -> dict:
@@ -137,12 +147,20 @@ class TriGrid:
             out["ws"] = self.ws.detach().contiguous()
         return out
 
-    def save(self, path: str, *, overwrite: bool = False) -> str:
-        """Write our safetensors format atomically (never replaces an existing file unless ``overwrite``)."""
+    def save(self, path: str, *, overwrite: bool = False, provenance: Optional[dict] = None) -> str:
+        """Write our safetensors format atomically (never replaces an existing file unless ``overwrite``).
+
+        ``provenance`` ({key: str}, e.g. ComfyUI's ``prompt`` / ``workflow`` JSON) replaces any provenance the
+        tri-grid carried from an earlier file.
+        """
         from safetensors.torch import save_file
 
         tensors = {k: v.cpu() for k, v in self.state_dict().items()}
         meta = {str(k): str(v) for k, v in self.meta.items()}
+        if provenance:
+            for key in PROVENANCE_KEYS:
+                meta.pop(key, None)
+            meta.update({str(k): str(v) for k, v in provenance.items()})
         meta.update(format=FORMAT_NAME, format_version=FORMAT_VERSION, box_warp=repr(float(self.box_warp)))
         return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), overwrite=overwrite)
 
@@ -210,10 +228,24 @@ def load_trigrid(path: str) -> TriGrid:
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{source}: broken safetensors file ({exc})") from None
         box_warp = float(meta.get("box_warp", BOX_WARP))
-        extra = {k: v for k, v in meta.items() if k not in ("format", "format_version", "box_warp")}
+        extra = _upgrade_meta({k: v for k, v in meta.items() if k not in ("format", "format_version", "box_warp")})
         return trigrid_from_state(state, source=source, box_warp=box_warp, meta=extra)
     state = checkpoints.load_any(source, checkpoints.TENSOR_ONLY)
     return trigrid_from_state(state, source=source, meta={"source": os.path.basename(source)})
+
+
+def _upgrade_meta(meta: dict) -> dict:
+    """Earlier files kept the user's text as ``prompt``, the key that now holds ComfyUI's API graph (JSON)."""
+    text = meta.get("prompt")
+    if text is not None and "description" not in meta:
+        try:
+            graph = json.loads(text)
+        except ValueError:
+            graph = None
+        if not isinstance(graph, dict):
+            meta = dict(meta)
+            meta["description"] = meta.pop("prompt")
+    return meta
 
 
 def read_metadata(path: str) -> dict:

@@ -18,7 +18,7 @@ RES, TEX = 64, 256
 @pytest.fixture(scope="module")
 def sphere():
     tg = linear_colour_trigrid([Ellipsoid(CENTRE, (0.15,) * 3)], (32, 64), centre=CENTRE)
-    tg.meta["prompt"] = "a test sphere"
+    tg.meta["description"] = "a test sphere"
     return tg, demo_decoder(n_shapes=1)
 
 
@@ -76,7 +76,7 @@ def test_textured_glb(sphere, tmp_path):
     texture = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
     assert texture.shape == (TEX, TEX, 3)
     extras = gltf.scenes[gltf.scene].extras["portrait3d"]
-    assert extras["prompt"] == "a test sphere" and extras["seed"] == 7
+    assert extras["description"] == "a test sphere" and extras["seed"] == 7
     assert extras["settings"]["resolution"] == RES and extras["settings"]["colour"] == "texture"
     assert extras["units"] == "metres"
 
@@ -87,7 +87,7 @@ def test_textured_glb(sphere, tmp_path):
     assert np.percentile(err, 99) < 0.03 and err.mean() < 0.01
 
     scene = trimesh.load(res.path)
-    assert scene.metadata["portrait3d"]["prompt"] == "a test sphere"
+    assert scene.metadata["portrait3d"]["description"] == "a test sphere"
     geom = next(iter(scene.geometry.values()))
     assert geom.visual.kind == "texture" and geom.visual.uv.shape == (len(geom.vertices), 2)
     assert geom.visual.material.baseColorTexture.size == (TEX, TEX)
@@ -135,7 +135,7 @@ def test_obj_textured_and_vertex(sphere, tmp_path):
     names = sorted(os.path.basename(p) for p in res.files)
     assert names == ["portrait_00001_.mtl", "portrait_00001_.obj", "portrait_00001_.png"]
     text = open(res.path).read()
-    assert "mtllib portrait_00001_.mtl" in text and "# prompt:" in text
+    assert "mtllib portrait_00001_.mtl" in text and "# description:" in text
     assert "map_Kd portrait_00001_.png" in open(res.files[0][:-4] + ".mtl").read()
     loaded = trimesh.load(res.path, force="mesh")
     assert loaded.visual.kind == "texture" and loaded.visual.material.image.size == (TEX, TEX)
@@ -179,7 +179,7 @@ def test_export_cancel_leaves_no_file(sphere, tmp_path):
     with pytest.raises(Stop):
         E.export_mesh(tg, dec, str(tmp_path), "portrait", "glb", resolution=32, texture_size=128, progress=progress)
     with pytest.raises(Stop):
-        E.export_mesh(tg, dec, str(tmp_path), "portrait", "mrc", mrc_resolution=16, progress=progress)
+        E.export_mesh(tg, dec, str(tmp_path), "portrait", "mrc", resolution=16, progress=progress)
     assert os.listdir(tmp_path) == []
     with pytest.raises(Exception, match="format"):
         E.export_mesh(tg, dec, str(tmp_path), "portrait", "fbx")
@@ -190,7 +190,7 @@ def test_mrc_layout_and_orientation(tmp_path):
     centre = (0.12, 0.07, -0.09)
     tg, dec = analytic_trigrid([Ellipsoid(centre, (0.06, 0.05, 0.04))], (32, 64)), demo_decoder(n_shapes=1)
     n = 64
-    res = E.export_mesh(tg, dec, str(tmp_path), "shape", "mrc", mrc_resolution=n)
+    res = E.export_mesh(tg, dec, str(tmp_path), "shape", "mrc", resolution=n)
     assert res.path.endswith(".mrc") and os.path.getsize(res.path) == 1024 + 4 * n ** 3
     head = E.read_mrc_header(res.path)
     assert (head["nx"], head["ny"], head["nz"], head["mode"]) == (n, n, n, 2)
@@ -201,7 +201,8 @@ def test_mrc_layout_and_orientation(tmp_path):
     vol = np.asarray(E.read_mrc(res.path))
     assert head["dmin"] == pytest.approx(vol.min()) and head["dmax"] == pytest.approx(vol.max())
     assert head["dmean"] == pytest.approx(vol.mean(dtype=np.float64), rel=1e-4)
-    pad = int(30 * n / 256)
+    pad = E.mrc_border(n)
+    assert (pad, E.mrc_border(512), E.mrc_border(256)) == (7, 60, 30)     # the paper's 60 at 512, scaled with N
     for border in (vol[:pad], vol[-pad:], vol[:, :pad], vol[:, -pad:], vol[:, :, :pad], vol[:, :, -pad:]):
         assert (border == -1000).all()
     inner = vol[pad:-pad, pad:-pad, pad:-pad]
@@ -217,7 +218,7 @@ def test_mrc_layout_and_orientation(tmp_path):
     np.testing.assert_allclose(vol[idx[:, 0], idx[:, 1], idx[:, 2]],
                                M.raw_sigma_at(tg, dec, pts, crop=None).numpy(), rtol=1e-5, atol=1e-3)
 
-    skew = E.export_mesh(tg, dec, str(tmp_path), "shape", "mrc", mrc_resolution=n, mrc_eg3d_skew=True)
+    skew = E.export_mesh(tg, dec, str(tmp_path), "shape", "mrc", resolution=n, mrc_eg3d_skew=True)
     other = np.asarray(E.read_mrc(skew.path))
     assert other.shape == vol.shape and not np.array_equal(other, vol)
     assert np.abs(other - vol)[pad:-pad, pad:-pad, pad:-pad].mean() < np.abs(inner).mean() * 0.2
@@ -239,3 +240,63 @@ def test_textured_mesh_auto_decimation_and_tensors(sphere):
     t = mesh.as_tensors()
     assert t["uvs"].shape == (1, mesh.num_vertices, 2) and t["texture"].shape == (1, 128, 128, 3)
     assert float(t["texture"].max()) <= 1.0 and t["vertex_colors"].shape == (1, mesh.num_vertices, 3)
+
+
+PROVENANCE = {"prompt": json.dumps({"3": {"class_type": "Portrait3D_ExportMesh", "inputs": {}}}),
+              "workflow": json.dumps({"nodes": [{"id": 3, "type": "Portrait3D_ExportMesh"}], "links": []})}
+
+
+def test_export_writes_provenance_where_the_file_can_hold_it(sphere, tmp_path):
+    """GLB: asset.extras (where core SaveGLB puts it and the editor reads it); OBJ: the texture's PNG text chunks."""
+    import pygltflib
+    from PIL import Image
+
+    tg, dec = sphere
+    glb = E.export_mesh(tg, dec, str(tmp_path), "p", "glb", resolution=32, texture_size=128, provenance=PROVENANCE)
+    gltf = pygltflib.GLTF2().load(glb.path)
+    assert gltf.asset.extras == PROVENANCE
+    assert gltf.scenes[gltf.scene].extras["portrait3d"]["description"] == "a test sphere"
+    obj = E.export_mesh(tg, dec, str(tmp_path), "p", "obj", resolution=32, texture_size=128, provenance=PROVENANCE)
+    png = next(p for p in obj.files if p.endswith(".png"))
+    assert Image.open(png).text == PROVENANCE
+    plain = E.export_mesh(tg, dec, str(tmp_path), "p", "glb", resolution=32, colour="vertex")
+    assert not pygltflib.GLTF2().load(plain.path).asset.extras
+
+
+def test_export_batch_writes_one_file_set_per_item(sphere, tmp_path):
+    from portrait3d_core.trigrid import stack
+
+    tg, dec = sphere
+    small = linear_colour_trigrid([Ellipsoid(CENTRE, (0.1,) * 3)], (32, 64), centre=CENTRE)
+    calls = []
+    results = E.export_batch(stack([tg, small]), dec, str(tmp_path), "b", "obj", resolution=32, texture_size=128,
+                             progress=lambda done, total: calls.append((done, total)))
+    assert [os.path.basename(r.path) for r in results] == ["b_00001_.obj", "b_00002_.obj"]
+    assert all(len(r.files) == 3 for r in results)
+    assert results[0].mesh.num_faces > results[1].mesh.num_faces       # the bigger sphere first: order kept
+    assert calls[-1] == (1000, 1000) and all(t == 1000 for _, t in calls)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    assert any(400 <= d <= 600 for d, _ in calls)                      # one progress scale over both items
+
+
+def test_mrc_default_is_the_papers_resolution_and_resolution_is_honoured(sphere, tmp_path, monkeypatch):
+    tg, dec = sphere
+    res = E.export_mesh(tg, dec, str(tmp_path), "v", "mrc", resolution=24)
+    assert E.read_mrc_header(res.path)["nx"] == 24 and os.path.getsize(res.path) == 1024 + 4 * 24 ** 3
+    assert E.MRC_RESOLUTION == 512
+    monkeypatch.setattr(E, "MRC_RESOLUTION", 20)                       # the default, without writing 537 MB
+    res = E.export_mesh(tg, dec, str(tmp_path), "v", "mrc")
+    assert E.read_mrc_header(res.path)["nx"] == 20
+
+
+def test_mesh_batch_tensors_pad_with_zeros_and_count_items():
+    v1, f1 = np.random.rand(5, 3).astype(np.float32), np.array([[0, 1, 2], [2, 3, 4]])
+    v2, f2 = np.random.rand(3, 3).astype(np.float32), np.array([[0, 1, 2]])
+    single = M.batch_tensors([M.MeshData(v1, f1)])
+    assert set(single) == {"vertices", "faces"} and single["vertices"].shape == (1, 5, 3)
+    out = M.batch_tensors([M.MeshData(v1, f1, vertex_colors=v1), M.MeshData(v2, f2, vertex_colors=v2)])
+    assert out["vertices"].shape == (2, 5, 3) and out["faces"].shape == (2, 2, 3)
+    assert out["vertex_counts"].tolist() == [5, 3] and out["face_counts"].tolist() == [2, 1]
+    torch.testing.assert_close(out["vertices"][1, :3], torch.from_numpy(v2))
+    assert (out["vertices"][1, 3:] == 0).all() and (out["faces"][1, 1:] == 0).all()
+    assert out["vertex_colors"].shape == (2, 5, 3)

@@ -72,17 +72,40 @@ def test_trigrid_reads_official_torch_save_formats(tmp_path):
 
 
 def test_trigrid_safetensors_roundtrip_keeps_names_and_metadata(tmp_path):
+    import json
+
     state = _official_state()
-    trigrid = TriGrid([state[f"trigrids_{r}"] for r in RES], state["ws"], 0.7, {"prompt": "a knight", "source": "x"})
-    path = trigrid.save(str(tmp_path / "knight.safetensors"))
+    trigrid = TriGrid([state[f"trigrids_{r}"] for r in RES], state["ws"], 0.7,
+                      {"description": "a knight", "source": "x", "workflow": "{\"old\": 1}"})
+    workflow = {"nodes": [{"id": 1, "type": "Portrait3D_SaveTriGrid"}], "links": []}
+    path = trigrid.save(str(tmp_path / "knight.safetensors"),
+                        provenance={"prompt": json.dumps({"1": {"class_type": "X"}}), "workflow": json.dumps(workflow)})
     meta = read_metadata(path)
-    assert meta["format"] == "portrait3d-trigrid" and meta["prompt"] == "a knight" and float(meta["box_warp"]) == 0.7
+    assert meta["format"] == "portrait3d-trigrid" and meta["description"] == "a knight"
+    assert float(meta["box_warp"]) == 0.7
+    assert json.loads(meta["workflow"]) == workflow and json.loads(meta["prompt"]) == {"1": {"class_type": "X"}}
     from safetensors.torch import load_file
 
     assert set(load_file(path)) == {"trigrids_8", "trigrids_16", "trigrids_32", "ws"}
     again = load_trigrid(path)
     _assert_same(again, state)
-    assert again.meta["prompt"] == "a knight"
+    assert again.meta["description"] == "a knight" and json.loads(again.meta["workflow"]) == workflow
+
+
+def test_trigrid_files_with_the_text_under_prompt_still_load_it_as_description(tmp_path):
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / "old.safetensors")
+    save_file({"trigrids_8": torch.zeros(1, 3, 36, 8, 8)}, path,
+              metadata={"format": "portrait3d-trigrid", "format_version": "1", "prompt": "a knight"})
+    meta = load_trigrid(path).meta
+    assert meta["description"] == "a knight" and "prompt" not in meta
+
+
+def test_trigrid_select_narrows_per_item_seeds():
+    batch = TriGrid([torch.zeros(2, 3, 36, 8, 8)], meta={"seed": "3,4", "source": "gan"})
+    assert [batch.select(i).meta["seed"] for i in range(2)] == ["3", "4"]
+    assert batch.select(1).meta["source"] == "gan"
 
 
 def test_trigrid_save_never_overwrites(tmp_path):
