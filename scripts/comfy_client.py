@@ -240,3 +240,91 @@ def load_workflow(path: str) -> dict:
 
 def python_for_server() -> str:
     return PYTHON if os.path.exists(PYTHON) else sys.executable
+
+
+# ---------------------------------------------------------------------------------------------- websocket progress
+
+class ServerEvents:
+    """The messages ComfyUI sends this client on ``/ws?clientId=<client_id>`` (needs websocket-client).
+
+    Open it *before* queueing so nothing is missed, then iterate one prompt's messages as ``(type, data)`` pairs —
+    ``execution_start``, ``execution_cached`` ({nodes}), ``executing`` ({node}), ``progress`` ({node, value, max}),
+    ``executed`` ({node, output}), ``progress_state`` and the last one, ``execution_success`` / ``execution_error``
+    / ``execution_interrupted``::
+
+        with ServerEvents(server) as events:
+            prompt_id = server.queue(prompt)
+            for kind, data in events.of_prompt(prompt_id):
+                ...
+    Binary messages (live preview images) are skipped.
+    """
+
+    FINAL = ("execution_success", "execution_error", "execution_interrupted")
+
+    def __init__(self, server: ComfyServer, poll: float = 1.0):
+        import websocket    # websocket-client (requirements-dev.txt)
+
+        self._timeout_error = websocket.WebSocketTimeoutException
+        self.server = server
+        url = server.url.replace("http://", "ws://", 1) + f"/ws?clientId={server.client_id}"
+        self.ws = websocket.create_connection(url, timeout=poll)
+
+    def __enter__(self) -> "ServerEvents":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.ws.close()
+
+    def of_prompt(self, prompt_id: str, timeout: float = 3600.0):
+        """Messages about ``prompt_id`` until its final message (included); ``ServerError`` if the server dies."""
+        deadline = time.time() + timeout
+        while True:
+            try:
+                raw = self.ws.recv()
+            except self._timeout_error:
+                raw = None
+            if self.server.process is not None and self.server.process.poll() is not None:
+                raise ServerError(f"ComfyUI died while running the prompt:\n{self.server.log_text()[-4000:]}")
+            if time.time() > deadline:
+                raise ServerError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
+            if not raw or isinstance(raw, bytes):
+                continue
+            message = json.loads(raw)
+            kind, data = message.get("type"), message.get("data") or {}
+            if data.get("prompt_id") != prompt_id:
+                continue
+            yield kind, data
+            if kind in self.FINAL:
+                return
+
+
+class ProgressPrinter:
+    """Turns server messages into short progress lines: which node runs, and its step/total (at most one line every
+    ``every_s`` seconds per node, plus its last step)."""
+
+    def __init__(self, prompt: dict, write=print, every_s: float = 2.0):
+        self.prompt, self.write, self.every_s = prompt, write, every_s
+        self._last = {}
+
+    def title(self, node) -> str:
+        meta = self.prompt.get(str(node), {}).get("_meta", {})
+        return f"{meta.get('title') or self.prompt.get(str(node), {}).get('class_type', 'node')} (#{node})"
+
+    def __call__(self, kind: str, data: dict) -> None:
+        if kind == "execution_cached" and data.get("nodes"):
+            self.write(f"cached: {', '.join(self.title(n) for n in data['nodes'])}")
+        elif kind == "executing" and data.get("node") is not None:
+            self.write(f"running {self.title(data['node'])}")
+        elif kind == "progress":
+            node, value, total = data.get("node"), int(data.get("value", 0)), int(data.get("max", 0))
+            now = time.time()
+            if value >= total or now - self._last.get(node, 0.0) >= self.every_s:
+                self._last[node] = now
+                self.write(f"  {self.title(node)}: {value}/{total}")
+        elif kind == "execution_error":
+            self.write(f"error in {self.title(data.get('node_id'))}: {data.get('exception_message', '').strip()}")
+        elif kind == "execution_interrupted":
+            self.write("interrupted")

@@ -18,7 +18,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from comfy_client import COMFY_DIR, ROOT, ComfyServer, execution_error, load_workflow, ui_to_api  # noqa: E402
+from comfy_client import (COMFY_DIR, ROOT, ComfyServer, ProgressPrinter, ServerEvents, execution_error,  # noqa: E402
+                          load_workflow, ui_to_api)
 
 from portrait3d_core.checkpoints import guess_file_kind  # noqa: E402
 from portrait3d_core.demo_assets import DEMO_DECODER_NAME, DEMO_TRIGRID_NAME  # noqa: E402
@@ -59,9 +60,7 @@ def run_workflow(server, info, path, assets, args) -> int:
             inputs["frames"] = args.frames or inputs["frames"]
             inputs["resolution"] = args.resolution or inputs["resolution"]
     started = time.time()
-    prompt_id = server.queue(prompt)
-    print(f"[demo] {os.path.basename(path)}: queued prompt {prompt_id} through POST /prompt; waiting …", flush=True)
-    entry = server.wait(prompt_id, timeout=3600)
+    entry = queue_and_follow(server, prompt, os.path.basename(path))
     if entry["status"]["status_str"] != "success":
         print(f"[demo] FAILED: {execution_error(entry)}", file=sys.stderr)
         return 1
@@ -73,6 +72,23 @@ def run_workflow(server, info, path, assets, args) -> int:
             more = f" (+{len(items) - 1} more)" if len(items) > 1 else ""
             print(f"[demo]   {prompt[node_id]['_meta']['title']}: {os.path.relpath(first, ROOT)}{more}")
     return 0
+
+
+def queue_and_follow(server, prompt, name) -> dict:
+    """Queue the prompt and print the server's progress (node, step/total) from its websocket until it ends."""
+    try:
+        events = ServerEvents(server)
+    except Exception as exc:                       # no websocket-client, or no websocket: just wait
+        events = None
+        print(f"[demo] (no live progress: {exc})")
+    prompt_id = server.queue(prompt)
+    print(f"[demo] {name}: queued prompt {prompt_id} through POST /prompt; waiting …", flush=True)
+    if events is not None:
+        show = ProgressPrinter(prompt, write=lambda line: print(f"[demo]   {line}", flush=True))
+        with events:
+            for kind, data in events.of_prompt(prompt_id, timeout=3600):
+                show(kind, data)
+    return server.wait(prompt_id, timeout=3600)
 
 
 def main(argv=None) -> int:
