@@ -1,4 +1,5 @@
-"""comfyui-portrait3d: text → 360° 3D portrait nodes for ComfyUI (Portrait3D, SIGGRAPH 2024).
+"""comfyui-portrait3d: 3D portrait nodes for ComfyUI (Portrait3D, SIGGRAPH 2024) — GAN portraits, tri-grid rendering,
+turntables, textured mesh export; the text → 3D stages are in progress.
 
 ComfyUI calls ``comfy_entrypoint``; the node modules (which import ComfyUI) load only then, so ``portrait3d_core``
 stays importable without ComfyUI. No compilation, download or conversion happens at import time.
