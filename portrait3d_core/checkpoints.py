@@ -1,204 +1,172 @@
-"""Reading untrusted checkpoint files without executing pickled code (``checkpoints.md`` §5–6).
+"""Reading untrusted checkpoint files without executing anything from them (``checkpoints.md`` §5–6).
 
-- ``RestrictedUnpickler``: an allow-list ``find_class``. Tensors are rebuilt with torch's own functions, storages
-  through torch's ``weights_only`` loader (CUDA storages land on the CPU). StyleGAN persistence records become inert
-  ``PersistentRecord`` objects (their embedded source is kept as text and never executed); classes of the original
-  code base (``training.``, ``smplx.``, ``torch.nn.modules.``) become inert ``Stub`` objects that only hold their
-  pickled state. Anything else — ``os.system``, ``builtins.eval``, … — is refused with ``CheckpointError``.
-- ``load_pickle``: a plain pickle (``trigrid.pkl``, ``model_512.pkl``) through that unpickler.
-- ``load_torch_zip``: a ``torch.save`` file (``decoder_512.ckpt``, ``df.pth``, ``epoch_*.pth``) through torch's
-  ``weights_only`` loader, with the few numpy names real files carry added to its allow-list.
-- ``state_dict_of``: walk a pickled module tree (records and stubs) into an official ``state_dict``.
+Every file goes through our own readers (``portrait3d_core/io/``); ``pickle.load`` and ``torch.load`` are never
+called on user files:
+- plain pickles (``trigrid.pkl``, ``model_512.pkl``) run through our pickle VM, whose globals resolve only to our
+  inert constructors (``io/policy.py``); nested ``torch.storage._load_from_bytes`` storages are parsed by our legacy
+  reader (``io/legacy.py``);
+- ``torch.save`` zips (``decoder_512.ckpt``, ``df.pth``, ``epoch_*.pth``, gallery ``*_pyramid_trigrid.pth``) and
+  legacy ``torch.save`` files are read member by member by our zip/legacy readers (``io/torch_zip.py``);
+- numpy arrays/scalars are rebuilt from (shape, plain dtype, bytes) by our code, tensors from storage bytes +
+  offset/size/stride after bounds checks; CUDA-tagged storages land on the CPU;
+- what leaves a loader is only tensors, plain Python values and containers, ``torch.Size``/dtypes/devices and our
+  inert records (``PersistentRecord``, ``Stub``, ``EasyDict``), see ``io/materialize.py``.
+Every problem — truncation, a refused global or dtype, a shape larger than its data, a stride past its storage, … —
+is a ``CheckpointError`` naming the file.
+
+Public API: ``load_pickle``, ``load_torch_zip``, ``load_any``, ``read_torchscript_tensors``, ``state_dict_of``,
+``state_of``, ``is_safetensors``, ``guess_file_kind``; policies ``TENSOR_ONLY``, ``NETWORKS``, ``TORCHSCRIPT``.
 """
 from __future__ import annotations
 
-import collections
-import io
 import os
-import pickle
-import zipfile
 from typing import Any
 
-import numpy as np
 import torch
 
 from .errors import CheckpointError
+from .io.legacy import is_legacy, read_legacy
+from .io.limits import MAX_PICKLE_MEMBER, Malformed, Refused
+from .io.materialize import materialize
+from .io.pickle_vm import FileSource, PickleVM
+from .io.policy import NETWORKS, TENSOR_ONLY, TORCHSCRIPT, Policy
+from .io.records import EasyDict, PersistentRecord, Stub
+from .io.torch_guard import weights_only_load, weights_only_problem
+from .io.torch_zip import TorchZip, file_head, is_zip
 
-TENSOR_ONLY = "tensors"       # allow-list for pickles of plain tensors / dicts (tri-grid files)
-NETWORKS = "networks"         # + persistence records and stub classes (model_512.pkl)
+__all__ = ["CheckpointError", "EasyDict", "NETWORKS", "PersistentRecord", "Stub", "TENSOR_ONLY", "TORCHSCRIPT",
+           "guess_file_kind", "is_safetensors", "load_any", "load_pickle", "load_torch_zip",
+           "read_torchscript_tensors", "state_dict_of", "state_of", "weights_only_load", "weights_only_problem"]
 
-
-class PersistentRecord:
-    """Inert stand-in for a StyleGAN ``persistence`` object: class name, version and pickled ``__dict__``."""
-
-    def __init__(self, meta: dict):
-        if not isinstance(meta, dict) or meta.get("type") != "class":
-            raise CheckpointError("unexpected persistence record (not a class record)")
-        self.class_name = meta.get("class_name")
-        self.version = meta.get("version")
-        self.module_src = meta.get("module_src")  # text only; never executed
-        self.state = meta.get("state") or {}
-
-    def __repr__(self) -> str:
-        return f"PersistentRecord({self.class_name})"
-
-
-class Stub:
-    """Inert stand-in for a class of the original code base; ``NEWOBJ`` + ``BUILD`` just store the state."""
-
-    qualname = "Stub"
-
-    def __setstate__(self, state):
-        self.state = state if isinstance(state, dict) else {"state": state}
-
-    def __repr__(self) -> str:
-        return f"Stub({self.qualname})"
-
-
-class EasyDict(dict):
-    """Stand-in for ``dnnlib.util.EasyDict``: a plain dict with attribute access."""
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
-_STUBS: dict[str, type] = {}
-_STUB_PREFIXES = ("training.", "smplx.", "torch.nn.modules.")
-
-
-def _stub_class(full_name: str) -> type:
-    if full_name not in _STUBS:
-        _STUBS[full_name] = type(full_name.rsplit(".", 1)[-1], (Stub,), {"qualname": full_name})
-    return _STUBS[full_name]
-
-
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
-    return data
-
-
-def _latin1_encode(text, encoding="latin1"):
-    """``_codecs.encode`` as protocol-2 pickles use it for bytes; only the latin-1 codec is accepted."""
-    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
-        raise CheckpointError(f"refused _codecs.encode with encoding {encoding!r}")
-    return text.encode("latin1")
-
-
-def _load_storage_bytes(data: bytes):
-    """Nested legacy ``torch.save`` of one storage; torch's restricted loader, remapped to the CPU."""
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-
-
-def _numpy_multiarray():
-    try:
-        from numpy._core import multiarray
-    except ImportError:  # numpy 1.x
-        from numpy.core import multiarray
-    return multiarray
-
-
-def _numpy_globals() -> dict:
-    """numpy names real checkpoints carry (array/scalar reconstruction cannot run code)."""
-    ma = _numpy_multiarray()
-    out = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
-    for mod_name in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        out[(mod_name, "_reconstruct")] = ma._reconstruct
-        out[(mod_name, "scalar")] = ma.scalar
-    for name in ("Float32DType", "Float64DType", "Int64DType", "Int32DType", "UInt8DType", "UInt32DType", "BoolDType"):
-        if hasattr(np, "dtypes") and hasattr(np.dtypes, name):
-            out[("numpy.dtypes", name)] = getattr(np.dtypes, name)
-    return out
-
-
-_TORCH_DTYPES = ("float32", "float16", "float64", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
-
-
-def _allowed_globals(policy: str) -> dict:
-    allowed = {
-        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-        ("torch.storage", "_load_from_bytes"): _load_storage_bytes,
-        ("_codecs", "encode"): _latin1_encode,
-        ("collections", "OrderedDict"): collections.OrderedDict,
-        ("torch", "Size"): torch.Size,
-        ("torch", "device"): torch.device,
-    }
-    for name in _TORCH_DTYPES:
-        allowed[("torch", name)] = getattr(torch, name)
-    if policy == NETWORKS:
-        allowed.update(_numpy_globals())
-        allowed[("torch_utils.persistence", "_reconstruct_persistent_obj")] = PersistentRecord
-        allowed[("dnnlib.util", "EasyDict")] = EasyDict
-    return allowed
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """``pickle.Unpickler`` whose ``find_class`` only returns allow-listed, non-executing callables."""
-
-    def __init__(self, file, policy: str = TENSOR_ONLY, source: str = "file"):
-        super().__init__(file)
-        self._allowed = _allowed_globals(policy)
-        self._policy = policy
-        self._source = source
-        self.globals_seen: set[tuple[str, str]] = set()
-
-    def find_class(self, module: str, name: str):
-        self.globals_seen.add((module, name))
-        found = self._allowed.get((module, name))
-        if found is not None:
-            return found
-        if self._policy == NETWORKS and module.startswith(_STUB_PREFIXES):
-            return _stub_class(f"{module}.{name}")
-        raise CheckpointError(
-            f"{self._source}: refused to load: the pickle references '{module}.{name}', which is not on the "
-            f"allow-list of tensor/checkpoint types. The file is not a Portrait3D checkpoint, or it is unsafe; "
-            f"nothing in it was executed.")
-
-    def persistent_load(self, pid):
-        raise CheckpointError(f"{self._source}: unexpected persistent id {pid!r} in a plain pickle")
+_UNSAFE = "nothing in it was executed; it is not a Portrait3D checkpoint, or it is unsafe"
 
 
 def _describe(path) -> str:
     return os.fspath(path) if not isinstance(path, (bytes, bytearray)) else "<bytes>"
 
 
-def load_pickle(path, policy: str = TENSOR_ONLY) -> Any:
-    """Unpickle ``path`` with the restricted unpickler; clear ``CheckpointError`` on truncation or refusal."""
-    source = _describe(path)
-    try:
-        with open(path, "rb") as fh:
-            return RestrictedUnpickler(fh, policy, source).load()
-    except CheckpointError:
-        raise
-    except FileNotFoundError:
-        raise CheckpointError(f"{source}: file not found") from None
-    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, RuntimeError, IndexError, KeyError,
-            AttributeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{source}: not a readable pickle (truncated or corrupted?): "
-                              f"{type(exc).__name__}: {exc}") from None
+def _error(source: str, exc: BaseException, archive: bool) -> CheckpointError:
+    """One ``CheckpointError`` naming ``source`` for any problem met while reading it."""
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError)):
+        return CheckpointError(f"{source}: file not found")
+    lead = f"{source}: could not be read safely: " if archive else f"{source}: "
+    if isinstance(exc, Refused):
+        return CheckpointError(f"{lead}refused to load: {exc} ({_UNSAFE})")
+    if isinstance(exc, CheckpointError) and not isinstance(exc, Malformed):
+        return CheckpointError(f"{lead}{exc}")
+    detail = str(exc) if isinstance(exc, Malformed) else f"{type(exc).__name__}: {exc}"
+    kind = "not a readable archive" if archive else "not a readable pickle"
+    return CheckpointError(f"{lead}{kind} (truncated or corrupted?): {detail[:500]}")
 
 
-def _torch_safe_globals() -> list:
-    return list(dict.fromkeys(_numpy_globals().values()))
-
-
-def load_torch_zip(path) -> Any:
-    """A ``torch.save`` file read with torch's ``weights_only`` loader on the CPU (+ numpy scalars allowed)."""
-    source = _describe(path)
-    if not os.path.isfile(path):
+def _check_file(source: str) -> int:
+    if not os.path.isfile(source):
         raise CheckpointError(f"{source}: file not found")
-    if not zipfile.is_zipfile(path):
+    size = os.path.getsize(source)
+    if size == 0:
+        raise CheckpointError(f"{source}: the file is empty")
+    return size
+
+
+def load_pickle(path, policy: str = TENSOR_ONLY) -> Any:
+    """A plain pickle (``trigrid.pkl``, ``model_512.pkl``) read by our VM under ``policy``."""
+    source = _describe(path)
+    size = _check_file(source)
+    try:
+        with open(source, "rb") as fh:
+            raw = PickleVM(FileSource(fh, size), Policy(policy)).load()
+        return materialize(raw)
+    except Exception as exc:  # every failure becomes one CheckpointError naming the file
+        raise _error(source, exc, archive=False) from None
+
+
+def load_torch_zip(path, policy: str = TENSOR_ONLY) -> Any:
+    """A ``torch.save`` zip archive read by our own reader (``data.pkl`` through our VM, storages from ``data/``)."""
+    source = _describe(path)
+    _check_file(source)
+    if not is_zip(file_head(source)):
         raise CheckpointError(f"{source}: not a torch.save archive (truncated, or a different kind of file)")
     try:
-        with torch.serialization.safe_globals(_torch_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile, KeyError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{source}: could not be read safely ({msg}). Only tensors, plain Python values and "
-                              f"numpy scalars are accepted; nothing in the file was executed.") from None
+        with TorchZip(source) as archive:
+            raw = archive.load_pickle("data.pkl", Policy(policy), "data")
+        return materialize(raw)
+    except Exception as exc:  # every failure becomes one CheckpointError naming the file
+        raise _error(source, exc, archive=True) from None
+
+
+def load_legacy(path, policy: str = TENSOR_ONLY) -> Any:
+    """A legacy (non-zip) ``torch.save`` file read by our own reader."""
+    source = _describe(path)
+    size = _check_file(source)
+    if size > MAX_PICKLE_MEMBER:
+        raise CheckpointError(f"{source}: legacy torch.save file larger than {MAX_PICKLE_MEMBER >> 30} GiB refused")
+    try:
+        with open(source, "rb") as fh:
+            raw = read_legacy(fh.read(), Policy(policy))
+        return materialize(raw)
+    except Exception as exc:  # every failure becomes one CheckpointError naming the file
+        raise _error(source, exc, archive=True) from None
+
+
+def load_any(path, policy: str = TENSOR_ONLY) -> Any:
+    """Read a ``torch.save`` zip, a legacy ``torch.save`` file or a plain pickle, whichever ``path`` is."""
+    source = _describe(path)
+    _check_file(source)
+    head = file_head(source)
+    if is_zip(head):
+        return load_torch_zip(source, policy)
+    if is_legacy(head):
+        return load_legacy(source, policy)
+    return load_pickle(source, policy)
+
+
+def read_torchscript_tensors(path) -> dict:
+    """The tensors of a TorchScript archive (``torch.jit.save``, e.g. StyleGAN2-ADA's ``vgg16.pt``) as
+    ``{attribute path: tensor}``, e.g. ``layers.conv1.weight``, plus constant tensors as ``CONSTANTS.c<i>``.
+
+    Only ``data.pkl`` and ``constants.pkl`` are read, as data (``__torch__`` classes become inert stubs); the
+    archive's code is never read, compiled or run. Tensors are CPU tensors without gradients.
+    """
+    source = _describe(path)
+    _check_file(source)
+    if not is_zip(file_head(source)):
+        raise CheckpointError(f"{source}: not a TorchScript archive (not a zip file)")
+    try:
+        with TorchZip(source) as archive:
+            if not (archive.has("constants.pkl") or archive.members_under("code/")):
+                raise Malformed("not a TorchScript archive (no code/ or constants.pkl; a torch.save file? use "
+                                "load_torch_zip)")
+            module = archive.load_pickle("data.pkl", Policy(TORCHSCRIPT), "data")
+            constants = (archive.load_pickle("constants.pkl", Policy(TORCHSCRIPT), "constants")
+                         if archive.has("constants.pkl") else ())
+        module, constants = materialize((module, constants))
+        if not isinstance(module, Stub):
+            raise Malformed(f"data.pkl holds a {type(module).__name__}, not a TorchScript module")
+        out: dict = {}
+        _collect_module_tensors(module, "", out)
+        for i, value in enumerate(constants if isinstance(constants, (list, tuple)) else ()):
+            if torch.is_tensor(value):
+                out[f"CONSTANTS.c{i}"] = value
+        return {k: v.detach().requires_grad_(False) for k, v in out.items()}
+    except Exception as exc:  # every failure becomes one CheckpointError naming the file
+        raise _error(source, exc, archive=True) from None
+
+
+def _collect_module_tensors(obj, prefix: str, out: dict) -> None:
+    """Tensor attributes of a TorchScript module stub and its submodules, by attribute path (depth is bounded)."""
+    for name, value in state_of(obj).items():
+        if type(name) is not str:
+            continue
+        if torch.is_tensor(value):
+            out.setdefault(prefix + name, value)
+        elif isinstance(value, Stub):
+            _collect_module_tensors(value, f"{prefix}{name}.", out)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                if torch.is_tensor(item):
+                    out.setdefault(f"{prefix}{name}.{i}", item)
+                elif isinstance(item, Stub):
+                    _collect_module_tensors(item, f"{prefix}{name}.{i}.", out)
 
 
 def is_safetensors(path) -> bool:
@@ -206,15 +174,6 @@ def is_safetensors(path) -> bool:
     with open(path, "rb") as fh:
         head = fh.read(9)
     return len(head) == 9 and head[8:9] == b"{"
-
-
-def load_any(path, policy: str = TENSOR_ONLY) -> Any:
-    """Read a ``torch.save`` zip or a plain pickle, whichever ``path`` is."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{_describe(path)}: file not found")
-    if zipfile.is_zipfile(path):
-        return load_torch_zip(path)
-    return load_pickle(path, policy)
 
 
 # ----------------------------------------------------------------------------------- pickled module trees
