@@ -426,6 +426,31 @@ def test_load_generator_from_pickle_caches_beside_it(official_pickle, tmp_path, 
     assert not os.path.exists(marker)
 
 
+def test_conversion_cache_is_keyed_by_full_sha256(official_pickle, oracle, tmp_path):
+    """A pickle edited in the middle (same size, same first and last MiB) is converted again, not served stale."""
+    src, _, _ = official_pickle
+    folder = tmp_path / "models"
+    folder.mkdir()
+    path = folder / "model_512.pkl"
+    shutil.copy(src, path)
+    cache = str(tmp_path / "cache")
+    convert.load_generator(str(path), cache_dir=cache)
+    with open(convert.output_paths(str(folder), "model_512")["manifest"], encoding="utf-8") as fh:
+        recorded = json.load(fh)["source"]
+    assert recorded["sha256"] == convert.file_sha256(str(path)) and len(recorded["sha256"]) == 64
+    data = bytearray(path.read_bytes())
+    middle = lambda at: (1 << 20) < at < len(data) - (1 << 20)   # noqa: E731  (first/last MiB unchanged)
+    key = next(k for k, v in oracle[1].items() if v.numel() >= 64 and bool(v.abs().sum())
+               and middle(data.find(v.numpy().tobytes())))
+    at = data.find(oracle[1][key].numpy().tobytes())
+    data[at:at + 4] = torch.tensor([123.0]).numpy().tobytes()
+    path.write_bytes(bytes(data))
+    G = convert.load_generator(str(path), cache_dir=cache)        # stale files beside it stay; new one in the cache
+    assert float(G.state_dict()[key].flatten()[0]) == 123.0
+    cached = [f for f in os.listdir(cache) if f.endswith(".portrait3d.json")]
+    assert cached == [f"model_512-{convert.file_sha256(str(path))[:16]}.portrait3d.json"]
+
+
 def test_read_only_folder_and_user_files_are_respected(official_pickle, oracle, tmp_path, monkeypatch):
     src, _, _ = official_pickle
     ro = tmp_path / "readonly"

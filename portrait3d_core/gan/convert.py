@@ -13,15 +13,16 @@ Output (three files, written atomically, never replacing an existing file unless
   metadata repeats the manifest, so this file alone is loadable.
 - ``<stem>.discriminator.safetensors``: the whole ``D_ema`` state dict (102 tensors in the released model), official
   key names (used for pose prediction at inversion).
-- ``<stem>.portrait3d.json``: the manifest: format tag, source file name/size/fingerprint, the generator config
+- ``<stem>.portrait3d.json``: the manifest: format tag, source file name/size/SHA-256, the generator config
   (``GeneratorConfig``), the recovered ``_init_kwargs``, ``rendering_kwargs``, ``neural_rendering_resolution``,
   class names and tensor counts of both networks. It is written last: its presence marks a complete conversion.
 
 ``load_generator(path, cache_dir=None)`` accepts the manifest, the generator safetensors, or the official pickle.
 For a pickle it looks for a matching conversion beside the pickle (then in ``cache_dir``), and otherwise converts and
 caches it beside the pickle; when that folder is read-only or holds other files under those names, it caches in
-``cache_dir`` (file names there carry the source fingerprint), and without a usable ``cache_dir`` it loads in
-memory only. User files are never overwritten.
+``cache_dir`` (file names there carry the start of the source's SHA-256), and without a usable ``cache_dir`` it loads
+in memory only. A conversion is reused only when its manifest records the full SHA-256 of the pickle (streamed over
+the whole file), so an edited or replaced pickle is converted again. User files are never overwritten.
 
 CLI: ``python -m portrait3d_core.gan.convert model_512.pkl [--out DIR] [--overwrite]``.
 """
@@ -36,7 +37,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import numpy as np
 import torch
 
 from .. import checkpoints
@@ -73,15 +73,13 @@ class OfficialCheckpoint:
 
 
 def plain(value: Any, where: str = "value") -> Any:
-    """Pickled kwargs → JSON-able data (EasyDict → dict, numpy scalars/arrays → Python, tensors → lists)."""
+    """Loaded kwargs → JSON-able data (EasyDict → dict, tensors (incl. former numpy arrays) → lists).
+
+    The loader already turned numpy scalars into Python numbers and numpy arrays into tensors."""
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, (int, float)):
         return value
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
     if torch.is_tensor(value):
         return value.detach().cpu().tolist()
     if isinstance(value, torch.Size):
@@ -190,16 +188,18 @@ def read_official_pickle(path) -> OfficialCheckpoint:
 
 # --------------------------------------------------------------------------------------------------- writing
 
-def fingerprint(path, chunk: int = 1 << 20) -> str:
-    """Quick identity of a large file: sha256 over its size, first and last MiB (hex, 16 chars)."""
-    size = os.path.getsize(path)
-    h = hashlib.sha256(str(size).encode())
+def file_sha256(path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of the whole file (hex), streamed in 4 MiB chunks: the identity of a converted source."""
+    h = hashlib.sha256()
     with open(path, "rb") as fh:
-        h.update(fh.read(chunk))
-        if size > chunk:
-            fh.seek(max(chunk, size - chunk))
-            h.update(fh.read(chunk))
-    return h.hexdigest()[:16]
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _cache_stem(stem: str, source_sha: str) -> str:
+    """File stem of a conversion in the cache folder (the manifest inside holds the full hash)."""
+    return f"{stem}-{source_sha[:16]}"
 
 
 def output_paths(directory: str, stem: str) -> dict:
@@ -208,11 +208,11 @@ def output_paths(directory: str, stem: str) -> dict:
             "manifest": os.path.join(directory, stem + MANIFEST_SUFFIX)}
 
 
-def _manifest(ckpt: OfficialCheckpoint, paths: dict, source_fp: str) -> dict:
+def _manifest(ckpt: OfficialCheckpoint, paths: dict, source_sha: str) -> dict:
     return {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
         "source": {"name": os.path.basename(ckpt.source), "size": os.path.getsize(ckpt.source),
-                   "fingerprint": source_fp},
+                   "sha256": source_sha},
         "generator": {
             "file": os.path.basename(paths["generator"]), "class_name": ckpt.generator_class,
             "num_tensors": len(ckpt.generator_state),
@@ -236,7 +236,7 @@ def _save_tensors(path: str, state: dict, metadata: dict, overwrite: bool) -> No
 
 
 def write_converted(ckpt: OfficialCheckpoint, directory: str, stem: str, *, overwrite: bool = False,
-                    source_fp: Optional[str] = None) -> dict:
+                    source_sha: Optional[str] = None) -> dict:
     """Write the three files for ``ckpt`` into ``directory``; returns their paths.
 
     Without ``overwrite`` an existing file raises ``FileExistsError`` before anything is written.
@@ -248,8 +248,8 @@ def write_converted(ckpt: OfficialCheckpoint, directory: str, stem: str, *, over
         taken = [p for p in paths.values() if os.path.exists(p)]
         if taken:
             raise FileExistsError(taken[0])
-    source_fp = source_fp or fingerprint(ckpt.source)
-    manifest = _manifest(ckpt, paths, source_fp)
+    source_sha = source_sha or file_sha256(ckpt.source)
+    manifest = _manifest(ckpt, paths, source_sha)
     text = json.dumps(manifest, indent=1, sort_keys=True)
     os.makedirs(directory, exist_ok=True)
 
@@ -363,26 +363,29 @@ def _writable(directory: str) -> bool:
     return os.path.isdir(directory) and os.access(directory, os.W_OK)
 
 
-def _matching_conversion(paths: dict, source_fp: str) -> bool:
+def _matching_conversion(paths: dict, source_sha: str) -> bool:
     if not (os.path.isfile(paths["manifest"]) and os.path.isfile(paths["generator"])):
         return False
     try:
         manifest = read_manifest(paths["manifest"])
     except CheckpointError:
         return False
-    return manifest.get("source", {}).get("fingerprint") == source_fp
+    source = manifest.get("source")
+    return isinstance(source, dict) and source.get("sha256") == source_sha
 
 
-def cached_conversion(path, cache_dir: Optional[str] = None) -> Optional[dict]:
-    """Paths of an existing conversion of the pickle ``path`` (beside it, then in ``cache_dir``), or None."""
+def cached_conversion(path, cache_dir: Optional[str] = None, source_sha: Optional[str] = None) -> Optional[dict]:
+    """Paths of an existing conversion of the pickle ``path`` (beside it, then in ``cache_dir``), or None.
+
+    A conversion matches only when its manifest records the full SHA-256 of ``path`` (``source_sha`` if known)."""
     source = os.fspath(path)
-    source_fp = fingerprint(source)
+    source_sha = source_sha or file_sha256(source)
     stem = os.path.splitext(os.path.basename(source))[0]
     candidates = [output_paths(os.path.dirname(os.path.abspath(source)), stem)]
     if cache_dir:
-        candidates.append(output_paths(cache_dir, f"{stem}-{source_fp}"))
+        candidates.append(output_paths(cache_dir, _cache_stem(stem, source_sha)))
     for paths in candidates:
-        if _matching_conversion(paths, source_fp):
+        if _matching_conversion(paths, source_sha):
             return paths
     return None
 
@@ -394,20 +397,20 @@ def ensure_converted(path, cache_dir: Optional[str] = None):
     returns ``(None, checkpoint)`` so the caller can use the data in memory.
     """
     source = os.fspath(path)
-    found = cached_conversion(source, cache_dir)
+    source_sha = file_sha256(source)
+    found = cached_conversion(source, cache_dir, source_sha)
     if found is not None:
         return found, None
     ckpt = read_official_pickle(source)
-    source_fp = fingerprint(source)
     stem = os.path.splitext(os.path.basename(source))[0]
     targets = [(os.path.dirname(os.path.abspath(source)), stem)]
     if cache_dir:
-        targets.append((cache_dir, f"{stem}-{source_fp}"))
+        targets.append((cache_dir, _cache_stem(stem, source_sha)))
     for directory, name in targets:
         if not _writable(directory) and not (directory == cache_dir and not os.path.exists(directory)):
             continue
         try:
-            return write_converted(ckpt, directory, name, source_fp=source_fp), ckpt
+            return write_converted(ckpt, directory, name, source_sha=source_sha), ckpt
         except FileExistsError:
             continue          # someone else's files under our names: never replace them
         except OSError as exc:  # read-only file system, permissions, disk full
