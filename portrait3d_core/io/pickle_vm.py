@@ -20,7 +20,7 @@ import struct
 
 from .limits import MAX_LINE, MAX_MARKS, MAX_MEMO, MAX_STACK, Malformed, Refused
 from .numpy_data import ArrayRecord, DtypeRecord
-from .records import Constructor, EasyDict, PlainDict, Stub
+from .records import Constructor, EasyDict, Marker, PlainDict, Stub
 
 _U8, _U16, _I32, _U32, _U64 = (struct.Struct(f) for f in ("<B", "<H", "<i", "<I", "<Q"))
 _F64 = struct.Struct(">d")
@@ -86,8 +86,10 @@ class FileSource:
 
 
 def _describe(obj) -> str:
-    if isinstance(obj, Constructor):
+    if isinstance(obj, (Constructor, Marker)):
         return repr(obj)
+    if isinstance(obj, type):
+        return f"the class {getattr(obj, 'qualname', obj.__name__)}"
     name = getattr(type(obj), "qualname", None) if isinstance(obj, Stub) else None
     return f"a {name or type(obj).__name__}"
 
