@@ -49,6 +49,8 @@ def _error(source: str, exc: BaseException, archive: bool) -> CheckpointError:
     """One ``CheckpointError`` naming ``source`` for any problem met while reading it."""
     if isinstance(exc, (FileNotFoundError, IsADirectoryError)):
         return CheckpointError(f"{source}: file not found")
+    if isinstance(exc, OSError):
+        return CheckpointError(f"{source}: cannot be read ({exc.strerror or exc})")
     lead = f"{source}: could not be read safely: " if archive else f"{source}: "
     if isinstance(exc, Refused):
         return CheckpointError(f"{lead}refused to load: {exc} ({_UNSAFE})")
@@ -59,19 +61,24 @@ def _error(source: str, exc: BaseException, archive: bool) -> CheckpointError:
     return CheckpointError(f"{lead}{kind} (truncated or corrupted?): {detail[:500]}")
 
 
-def _check_file(source: str) -> int:
+def _check_file(source: str) -> tuple:
+    """(size, first 16 bytes) of an existing, non-empty, readable file."""
     if not os.path.isfile(source):
         raise CheckpointError(f"{source}: file not found")
-    size = os.path.getsize(source)
+    try:
+        size = os.path.getsize(source)
+        head = file_head(source)
+    except OSError as exc:
+        raise CheckpointError(f"{source}: cannot be read ({exc.strerror or exc})") from None
     if size == 0:
         raise CheckpointError(f"{source}: the file is empty")
-    return size
+    return size, head
 
 
 def load_pickle(path, policy: str = TENSOR_ONLY) -> Any:
     """A plain pickle (``trigrid.pkl``, ``model_512.pkl``) read by our VM under ``policy``."""
     source = _describe(path)
-    size = _check_file(source)
+    size, _ = _check_file(source)
     try:
         with open(source, "rb") as fh:
             raw = PickleVM(FileSource(fh, size), Policy(policy)).load()
@@ -83,8 +90,7 @@ def load_pickle(path, policy: str = TENSOR_ONLY) -> Any:
 def load_torch_zip(path, policy: str = TENSOR_ONLY) -> Any:
     """A ``torch.save`` zip archive read by our own reader (``data.pkl`` through our VM, storages from ``data/``)."""
     source = _describe(path)
-    _check_file(source)
-    if not is_zip(file_head(source)):
+    if not is_zip(_check_file(source)[1]):
         raise CheckpointError(f"{source}: not a torch.save archive (truncated, or a different kind of file)")
     try:
         with TorchZip(source) as archive:
@@ -97,7 +103,7 @@ def load_torch_zip(path, policy: str = TENSOR_ONLY) -> Any:
 def load_legacy(path, policy: str = TENSOR_ONLY) -> Any:
     """A legacy (non-zip) ``torch.save`` file read by our own reader."""
     source = _describe(path)
-    size = _check_file(source)
+    size, _ = _check_file(source)
     if size > MAX_PICKLE_MEMBER:
         raise CheckpointError(f"{source}: legacy torch.save file larger than {MAX_PICKLE_MEMBER >> 30} GiB refused")
     try:
@@ -111,8 +117,7 @@ def load_legacy(path, policy: str = TENSOR_ONLY) -> Any:
 def load_any(path, policy: str = TENSOR_ONLY) -> Any:
     """Read a ``torch.save`` zip, a legacy ``torch.save`` file or a plain pickle, whichever ``path`` is."""
     source = _describe(path)
-    _check_file(source)
-    head = file_head(source)
+    _, head = _check_file(source)
     if is_zip(head):
         return load_torch_zip(source, policy)
     if is_legacy(head):
@@ -128,8 +133,7 @@ def read_torchscript_tensors(path) -> dict:
     archive's code is never read, compiled or run. Tensors are CPU tensors without gradients.
     """
     source = _describe(path)
-    _check_file(source)
-    if not is_zip(file_head(source)):
+    if not is_zip(_check_file(source)[1]):
         raise CheckpointError(f"{source}: not a TorchScript archive (not a zip file)")
     try:
         with TorchZip(source) as archive:
