@@ -506,6 +506,16 @@ def test_pickle_safety_dtypes_views_numpy_and_legacy_files(tmp_path):
     assert torch.equal(ours["view"], ours["f32"][1:5, ::2])
 
 
+def test_pickle_safety_big_endian_archive_is_byteswapped(tmp_path):
+    values = [1.5, -2.0, 3.25]
+    data = pkl({"f": tensor(zpid(3), 0, (3,), (1,)), "i": tensor(zpid(2, "1", "LongStorage"), 0, (2,), (1,))})
+    storages = {"0": np.array(values, dtype=">f4").tobytes(), "1": np.array([7, -9], dtype=">i8").tobytes()}
+    path = tmp_path / "big.pth"
+    path.write_bytes(forge.torch_zip(data, storages, byteorder=b"big"))
+    out = checkpoints.load_torch_zip(str(path))
+    assert out["f"].tolist() == values and out["i"].tolist() == [7, -9]
+
+
 def test_pickle_safety_official_layout_numpy1_and_numpy2_names(tmp_path):
     p1, p2 = tmp_path / "np1.pkl", tmp_path / "np2.pkl"
     dump_snapshot(p1, numpy1=True)
