@@ -31,6 +31,8 @@ def fov_to_focal(fov_deg: float) -> float:
 
 
 SDS_FOCAL = fov_to_focal(SDS_FOV_DEG)
+# stable-dreamfusion's provider writes π as 3.14159: f = 1 / (tan(fov·3.14159/360)·1.414) = 6.484789 (the SDS rays)
+DREAMFUSION_FOCAL = 1.0 / (math.tan(SDS_FOV_DEG * 3.14159 / 360.0) * 1.414)
 
 
 def _as_tensor(x, dtype=torch.float32) -> torch.Tensor:
@@ -125,6 +127,26 @@ def rays(c: torch.Tensor, height: int, width: int | None = None):
     origins = cam2world[:, :3, 3]
     directions = torch.nn.functional.normalize(world - origins[:, None, :], dim=-1)
     return origins[:, None, :].expand_as(directions).contiguous(), directions
+
+
+def dreamfusion_rays(cam2world: torch.Tensor, height: int, focal: float = DREAMFUSION_FOCAL, width: int | None = None):
+    """Rays as stable-dreamfusion's ``get_rays`` builds them for Portrait3D's SDS (``pipeline.md`` §4.4):
+    origins, **unnormalised** directions ``[B, H·W, 3]`` (camera-space z = 1), index m = i·W + j.
+
+    Its look-at frame has the image x axis opposite to the EG3D/OpenCV one, so column j sees what column
+    ``W − 1 − j`` of ``rays`` sees: SDS renders are mirror images of the GAN camera's view of the same pose.
+    ``cam2world`` ``[B, 4, 4]`` in OpenCV axes (e.g. from ``sds_pose``).
+    """
+    width = height if width is None else width
+    b = cam2world.shape[0]
+    i, j = torch.meshgrid(torch.arange(height, dtype=cam2world.dtype, device=cam2world.device),
+                          torch.arange(width, dtype=cam2world.dtype, device=cam2world.device), indexing="ij")
+    x_cam = (0.5 - (j + 0.5) / width) / focal            # mirrored x (see above)
+    y_cam = ((i + 0.5) / height - 0.5) / focal
+    cam = torch.stack((x_cam, y_cam, torch.ones_like(x_cam)), -1).reshape(1, -1, 3)
+    directions = torch.matmul(cam, cam2world[:, :3, :3].transpose(1, 2))
+    origins = cam2world[:, None, :3, 3].expand(b, height * width, 3).contiguous()
+    return origins, directions
 
 
 # --- turntable camera paths (``pipeline.md`` §7) --------------------------------------------------------------

@@ -167,7 +167,7 @@ def density(trigrid: TriGrid, decoder: Decoder, points: torch.Tensor, *, crop: O
 
 # --------------------------------------------------------------------------------------------------- rays
 
-def _render_chunk(trigrid, decoder, levels, origins, directions, settings, generator, want_weights):
+def _render_chunk(trigrid, decoder, levels, origins, directions, settings, generator, want_weights, depths=None):
     b, r, _ = origins.shape
 
     def run(depths):
@@ -177,11 +177,18 @@ def _render_chunk(trigrid, decoder, levels, origins, directions, settings, gener
                              backend=settings.backend)
         return feats.reshape(b, r, s, -1), sigma.reshape(b, r, s, 1)
 
-    depths_c = stratified_depths(b, r, settings, origins.device, origins.dtype, generator)
+    if depths is None:
+        depths_c = stratified_depths(b, r, settings, origins.device, origins.dtype, generator)
+    else:
+        depths_c = depths[0]
     colors_c, sigma_c = run(depths_c)
     if settings.fine_samples > 0:
-        _, _, weights_c = march(colors_c, sigma_c, depths_c)
-        depths_f = importance_depths(depths_c, weights_c, settings.fine_samples, settings.deterministic, generator)
+        if depths is None:
+            _, _, weights_c = march(colors_c, sigma_c, depths_c)
+            depths_f = importance_depths(depths_c, weights_c, settings.fine_samples, settings.deterministic,
+                                         generator)
+        else:
+            depths_f = depths[1]
         colors_f, sigma_f = run(depths_f)
         depths = torch.cat([depths_c, depths_f], -2)
         colors = torch.cat([colors_c, colors_f], -2)
@@ -197,10 +204,13 @@ def _render_chunk(trigrid, decoder, levels, origins, directions, settings, gener
 
 def render_rays(trigrid: TriGrid, decoder: Decoder, origins: torch.Tensor, directions: torch.Tensor,
                 settings: RenderSettings = RenderSettings(), *, generator: Optional[torch.Generator] = None,
-                return_weights: bool = False, progress: Optional[Callable[[int, int], None]] = None) -> RayOutput:
-    """Render rays ``[B, R, 3]`` (unit directions) → ``RayOutput`` (chunked over rays).
+                return_weights: bool = False, progress: Optional[Callable[[int, int], None]] = None,
+                depths: Optional[tuple] = None) -> RayOutput:
+    """Render rays ``[B, R, 3]`` (unit directions; Portrait3D's SDS uses unnormalised ones) → ``RayOutput``
+    (chunked over rays).
 
-    ``progress(done, total)`` is called after each chunk and may raise to cancel.
+    ``progress(done, total)`` is called after each chunk and may raise to cancel. ``depths`` = (coarse
+    ``[B, R, N, 1]``, fine ``[B, R, n, 1]``) replaces the random depth draws (to replay a recorded run).
     """
     if origins.shape != directions.shape or origins.dim() != 3 or origins.shape[-1] != 3:
         raise InvalidInputError(f"ray origins/directions must both be [B, R, 3], got {tuple(origins.shape)} "
@@ -214,8 +224,9 @@ def render_rays(trigrid: TriGrid, decoder: Decoder, origins: torch.Tensor, direc
     outputs = []
     for start in range(0, n_rays, chunk):
         stop = min(n_rays, start + chunk)
+        chunk_depths = None if depths is None else tuple(d[:, start:stop] for d in depths)
         outputs.append(_render_chunk(trigrid, decoder, levels, origins[:, start:stop], directions[:, start:stop],
-                                     settings, generator, return_weights))
+                                     settings, generator, return_weights, chunk_depths))
         if progress is not None:
             progress(stop, n_rays)
     cat = lambda name: torch.cat([getattr(o, name) for o in outputs], 1)  # noqa: E731
