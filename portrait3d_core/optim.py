@@ -120,13 +120,13 @@ def adan_state_tensors(optimizer: Adan, names: Sequence[str]) -> dict:
 
     ``names`` name the parameters in ``param_groups`` order (one parameter per group, as in Portrait3D).
     """
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if len(params) != len(names):
-        raise ValueError(f"{len(names)} names for {len(params)} parameters")
+    index = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    if len(index) != len(names):
+        raise ValueError(f"{len(names)} names for {len(index)} parameters")
     out = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
-            name = names[params.index(p)]
+            name = names[index[id(p)]]
             out[f"adan.step.{name}"] = torch.tensor(group.get("step", 0), dtype=torch.int64)
             for key in ADAN_STATE_KEYS:
                 if key in optimizer.state[p]:
@@ -136,10 +136,10 @@ def adan_state_tensors(optimizer: Adan, names: Sequence[str]) -> dict:
 
 def load_adan_state_tensors(optimizer: Adan, names: Sequence[str], tensors: dict) -> None:
     """Inverse of ``adan_state_tensors`` (tensors are copied onto each parameter's device and dtype)."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    index = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
     for group in optimizer.param_groups:
         for p in group["params"]:
-            name = names[params.index(p)]
+            name = names[index[id(p)]]
             step = int(tensors[f"adan.step.{name}"])
             if step:
                 group["step"] = step

@@ -414,7 +414,8 @@ def run_sds(trigrid: TriGrid, decoder: Decoder, guidance: Guidance, conditioning
         run_key: identifies the diffusion model and prompts in the checkpoint's fingerprint.
         progress: ``progress(done, total)`` after every iteration; it may raise to cancel (the state at the end of
             the last completed iteration is checkpointed first).
-        preview: ``preview(iteration, image [1, 3, h, h])`` every ``preview_interval`` iterations (the training view).
+        preview: ``preview(iteration, image [1, 3, h, h])`` every ``preview_interval`` iterations: the training view,
+            flipped back to the GAN camera's orientation (``cameras.dreamfusion_rays`` renders mirror images).
         stop_after: stop (with a checkpoint) after this many iterations in total — for tests and staged runs.
     """
     if trigrid.batch_size != 1:
@@ -464,7 +465,7 @@ def run_sds(trigrid: TriGrid, decoder: Decoder, guidance: Guidance, conditioning
             if path and (k % settings.checkpoint_interval == 0 or k == end):
                 save()
             if preview is not None and (k % settings.preview_interval == 0 or k == end):
-                preview(k, result.image)
+                preview(k, result.image.flip(-1))
             if progress is not None:
                 progress(k, total)
     except SDSDivergedError as exc:
@@ -484,7 +485,8 @@ def run_sds(trigrid: TriGrid, decoder: Decoder, guidance: Guidance, conditioning
 def preview_views(trigrid: TriGrid, decoder: Decoder, settings: SDSSettings, views: int = 8,
                   resolution: Optional[int] = None, generator: Optional[torch.Generator] = None,
                   progress: Optional[ProgressFn] = None) -> torch.Tensor:
-    """Portrait3D's validation views: polar 90°, azimuth k·360°/views → images ``[views, 3, h, h]`` in [0, 1]."""
+    """Portrait3D's validation views: polar 90°, azimuth k·360°/views → images ``[views, 3, h, h]`` in [0, 1],
+    oriented like the GAN camera's images (the SDS rays' mirror image flipped back)."""
     h = int(resolution or settings.render_resolution)
     s = replace(settings, render_resolution=h)
     images = []
@@ -493,7 +495,7 @@ def preview_views(trigrid: TriGrid, decoder: Decoder, settings: SDSSettings, vie
         azimuth = azimuth - 360.0 if azimuth > 180 else azimuth
         problem = SDSProblem(trigrid, decoder, None, None, s)
         image, _, _ = render_training_view(problem, IterationDraws(azimuth, 90.0, 0), generator)
-        images.append(image)
+        images.append(image.flip(-1))
         if progress is not None:
             progress(k + 1, views)
     return torch.cat(images)
