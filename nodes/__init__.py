@@ -9,9 +9,10 @@ from .gan import LoadPortraitGAN, TriGridSynthesis
 from .loaders import LoadDecoder, LoadTriGrid
 from .render import Camera, RenderTriGrid, RenderTurntable
 from .save import SaveTriGrid
+from .sds import ScoreDistillation
 
 NODE_CLASSES = [LoadTriGrid, LoadDecoder, LoadPortraitGAN, TriGridSynthesis, Camera, RenderTriGrid, RenderTurntable,
-                SaveTriGrid, ExportMesh]
+                SaveTriGrid, ExportMesh, ScoreDistillation]
 
 
 class Portrait3DExtension(ComfyExtension):

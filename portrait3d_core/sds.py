@@ -327,7 +327,7 @@ def fingerprint(trigrid: TriGrid, decoder: Decoder, settings: SDSSettings, seed:
     for k, v in sorted(decoder.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
-    h.update(settings.to_json().encode())
+    h.update(replace(settings, checkpoint_interval=1, preview_interval=1).to_json().encode())   # cadence only
     h.update(str(int(seed)).encode())
     h.update(extra.encode())
     return h.hexdigest()[:16]

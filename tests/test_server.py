@@ -29,6 +29,7 @@ OUR_NODES = {
     "Portrait3D_ExportMesh": (["PORTRAIT3D_TRIGRID", "PORTRAIT3D_DECODER"], ["STRING", "MESH"]),
     "Portrait3D_TriGridSynthesis": (["PORTRAIT3D_GAN", "PORTRAIT3D_CAMERA"],
                                     ["PORTRAIT3D_TRIGRID", "PORTRAIT3D_DECODER", "IMAGE"]),
+    "Portrait3D_SDS": (["PORTRAIT3D_TRIGRID", "PORTRAIT3D_GAN", "PORTRAIT3D_DECODER"], ["PORTRAIT3D_TRIGRID", "IMAGE"]),
 }
 
 
