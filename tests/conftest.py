@@ -9,14 +9,6 @@ import shutil
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The repository root is a package (ComfyUI's custom-node __init__.py), so pytest puts its PARENT first on sys.path;
-# a sibling folder named like a module (e.g. a checkout called "triton" or "pickle") would then shadow it.
-def _drop_parent_from_sys_path() -> None:
-    while os.path.dirname(ROOT) in sys.path:
-        sys.path.remove(os.path.dirname(ROOT))
-
-
-_drop_parent_from_sys_path()
 for _path in (ROOT, os.path.join(ROOT, "scripts")):
     if _path not in sys.path:
         sys.path.insert(0, _path)
@@ -104,12 +96,6 @@ def tiny_sd15_path(vae: str = "taesd") -> str:
 
 
 import pytest  # noqa: E402
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _no_parent_folder_on_sys_path():
-    """pytest re-inserts the parent when it sets up the root package (before any fixture): drop it again."""
-    _drop_parent_from_sys_path()
 
 
 @pytest.fixture(scope="session")

@@ -27,9 +27,9 @@ def _prompt(checkpoint, iterations, seed, prefix, text="a portrait of a smiling 
                          "t_min": 20, "t_max": 400, "seed": seed, "render_resolution": 64,
                          "checkpoint_interval": 2, "preview_interval": 1, "negative_text": ""}},
         "5": {"class_type": "Portrait3D_SaveTriGrid",
-              "inputs": {"trigrid": ["4", 0], "filename_prefix": f"{prefix}/sds", "prompt": text}},
+              "inputs": {"trigrid": ["4", 0], "filename_prefix": f"{prefix}/sds", "description": text}},
         "6": {"class_type": "Portrait3D_SaveTriGrid",
-              "inputs": {"trigrid": ["3", 0], "filename_prefix": f"{prefix}/input", "prompt": ""}},
+              "inputs": {"trigrid": ["3", 0], "filename_prefix": f"{prefix}/input", "description": ""}},
         "7": {"class_type": "PreviewImage", "inputs": {"images": ["4", 1]}},
     }
 
