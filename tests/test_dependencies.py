@@ -51,22 +51,36 @@ def _python_files():
             yield from (os.path.join(folder, f) for f in files if f.endswith(".py"))
 
 
-def runtime_imports() -> dict:
-    """Top-level module name → files importing it (absolute imports anywhere in the file, lazy ones included)."""
+def _imports(tree):
+    """``(top-level module name, lazy)`` per absolute import; lazy = inside a function body."""
+    def walk(node, lazy):
+        for child in ast.iter_child_nodes(node):
+            inner = lazy or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.Import):
+                yield from ((alias.name.split(".")[0], inner) for alias in child.names)
+            elif isinstance(child, ast.ImportFrom) and child.level == 0 and child.module:
+                yield child.module.split(".")[0], inner
+            yield from walk(child, inner)
+    yield from walk(tree, False)
+
+
+def runtime_imports(lazy: bool | None = None) -> dict:
+    """Top-level module name → files importing it (absolute imports anywhere in the file; ``lazy=False`` keeps only
+    module-level ones, ``lazy=True`` only those inside functions, None both)."""
     found = {}
     for path in _python_files():
         with open(path) as fh:
             tree = ast.parse(fh.read(), path)
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            else:
-                continue
-            for name in names:
-                found.setdefault(name.split(".")[0], set()).add(os.path.relpath(path, ROOT))
+        for name, is_lazy in _imports(tree):
+            if lazy is None or lazy == is_lazy:
+                found.setdefault(name, set()).add(os.path.relpath(path, ROOT))
     return found
+
+
+def _extras() -> dict:
+    """Optional extras of pyproject: distribution name → extra name."""
+    extras = _pyproject()["project"].get("optional-dependencies", {})
+    return {_requirement_name(req): extra for extra, reqs in extras.items() for req in reqs}
 
 
 def distribution_of(module: str):
@@ -93,10 +107,26 @@ def test_runtime_imports_are_declared_and_nothing_unused_is():
     assert not missing_dist, f"imported but no installed distribution provides them: {missing_dist}"
     imported = {_normalise(dist): name for name, dist in dists.items()}
     declared = _requirements("requirements.txt")
-    undeclared = {dist: sorted(third_party[imported[dist]]) for dist in imported if dist not in declared}
-    assert not undeclared, f"imported at runtime but not in requirements.txt / pyproject: {undeclared}"
+    eager = runtime_imports(lazy=False)
+    optional = {dist for dist in imported if dist in _extras() and imported[dist] not in eager}
+    undeclared = {dist: sorted(third_party[imported[dist]]) for dist in imported
+                  if dist not in declared and dist not in optional}
+    assert not undeclared, (f"imported at runtime but not in requirements.txt / pyproject (or, imported lazily "
+                            f"inside a function, in an optional extra): {undeclared}")
     unused = sorted(set(declared) - set(imported))
     assert not unused, f"declared as runtime dependencies but never imported by the package: {unused}"
+
+
+def test_optional_extras_are_only_imported_lazily():
+    """A dependency of an optional extra (``[cli]``, ``[align]``…) is imported only inside functions, so the package
+    loads in ComfyUI without it and the feature says how to install it."""
+    eager = runtime_imports(lazy=False)
+    offenders = {}
+    for module, files in eager.items():
+        dist = distribution_of(module) if module not in sys.stdlib_module_names | OWN | HOST else None
+        if dist and _normalise(dist) in _extras() and _normalise(dist) not in _requirements("requirements.txt"):
+            offenders[module] = sorted(files)
+    assert not offenders, f"optional-extra packages imported at module level: {offenders}"
 
 
 def test_requirements_txt_and_pyproject_declare_the_same_dependencies():
