@@ -20,9 +20,11 @@ import torch
 
 from . import trigrid_cpu
 from .layout import from_kernel_layout, to_kernel_layout
+from .nearest_triangle import NearestTriangleError, nearest_triangle
 from .trigrid_reference import sample_trigrid_reference
 
-__all__ = ["sample_trigrid", "to_kernel_layout", "from_kernel_layout", "TriGridSamplingError", "BACKENDS"]
+__all__ = ["sample_trigrid", "to_kernel_layout", "from_kernel_layout", "TriGridSamplingError", "BACKENDS",
+           "nearest_triangle", "NearestTriangleError"]
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
 

@@ -147,9 +147,18 @@ def crop_mask(points: torch.Tensor, box_warp: float, crop: Optional[float]) -> O
     return ((points[..., 0].abs() > limit) | (points[..., 2].abs() > limit)).unsqueeze(-1)
 
 
+DeformFn = Callable[[torch.Tensor], torch.Tensor]
+
+
 def query(trigrid: TriGrid, decoder: Decoder, points: torch.Tensor, *, crop: Optional[float] = 0.1,
-          kernel_levels=None, backend: str = "auto"):
-    """World points ``[B, N, 3]`` → (raw σ ``[B, N, 1]`` with cropped samples at −1000, features ``[B, N, 32]``)."""
+          kernel_levels=None, backend: str = "auto", deform: Optional[DeformFn] = None):
+    """World points ``[B, N, 3]`` → (raw σ ``[B, N, 1]`` with cropped samples at −1000, features ``[B, N, 32]``).
+
+    ``deform(points) -> points`` (posed rendering: posed → canonical warp) moves the points before the lookup and
+    the crop test.
+    """
+    if deform is not None:
+        points = deform(points)
     sampled = trigrid.sample(points, kernel_levels=kernel_levels, backend=backend)
     sigma, feats = decoder(sampled)
     mask = crop_mask(points, trigrid.box_warp, crop)
@@ -167,14 +176,15 @@ def density(trigrid: TriGrid, decoder: Decoder, points: torch.Tensor, *, crop: O
 
 # --------------------------------------------------------------------------------------------------- rays
 
-def _render_chunk(trigrid, decoder, levels, origins, directions, settings, generator, want_weights, depths=None):
+def _render_chunk(trigrid, decoder, levels, origins, directions, settings, generator, want_weights, depths=None,
+                  deform=None):
     b, r, _ = origins.shape
 
     def run(depths):
         s = depths.shape[2]
         points = (origins.unsqueeze(-2) + depths * directions.unsqueeze(-2)).reshape(b, r * s, 3)
         sigma, feats = query(trigrid, decoder, points, crop=settings.crop, kernel_levels=levels,
-                             backend=settings.backend)
+                             backend=settings.backend, deform=deform)
         return feats.reshape(b, r, s, -1), sigma.reshape(b, r, s, 1)
 
     if depths is None:
@@ -205,12 +215,13 @@ def _render_chunk(trigrid, decoder, levels, origins, directions, settings, gener
 def render_rays(trigrid: TriGrid, decoder: Decoder, origins: torch.Tensor, directions: torch.Tensor,
                 settings: RenderSettings = RenderSettings(), *, generator: Optional[torch.Generator] = None,
                 return_weights: bool = False, progress: Optional[Callable[[int, int], None]] = None,
-                depths: Optional[tuple] = None) -> RayOutput:
+                depths: Optional[tuple] = None, deform: Optional[DeformFn] = None) -> RayOutput:
     """Render rays ``[B, R, 3]`` (unit directions; Portrait3D's SDS uses unnormalised ones) → ``RayOutput``
     (chunked over rays).
 
     ``progress(done, total)`` is called after each chunk and may raise to cancel. ``depths`` = (coarse
     ``[B, R, N, 1]``, fine ``[B, R, n, 1]``) replaces the random depth draws (to replay a recorded run).
+    ``deform`` warps every coarse and fine sample before lookup and crop (see ``query``); depths stay in ray space.
     """
     if origins.shape != directions.shape or origins.dim() != 3 or origins.shape[-1] != 3:
         raise InvalidInputError(f"ray origins/directions must both be [B, R, 3], got {tuple(origins.shape)} "
@@ -226,7 +237,7 @@ def render_rays(trigrid: TriGrid, decoder: Decoder, origins: torch.Tensor, direc
         stop = min(n_rays, start + chunk)
         chunk_depths = None if depths is None else tuple(d[:, start:stop] for d in depths)
         outputs.append(_render_chunk(trigrid, decoder, levels, origins[:, start:stop], directions[:, start:stop],
-                                     settings, generator, return_weights, chunk_depths))
+                                     settings, generator, return_weights, chunk_depths, deform))
         if progress is not None:
             progress(stop, n_rays)
     cat = lambda name: torch.cat([getattr(o, name) for o in outputs], 1)  # noqa: E731
@@ -249,17 +260,19 @@ def composite_background(features: torch.Tensor, weight_sum: torch.Tensor, backg
 def render_image(trigrid: TriGrid, decoder: Decoder, c: torch.Tensor, resolution: int,
                  settings: RenderSettings = RenderSettings(), *, background: Optional[BackgroundFn] = None,
                  generator: Optional[torch.Generator] = None,
-                 progress: Optional[Callable[[int, int], None]] = None) -> RenderResult:
+                 progress: Optional[Callable[[int, int], None]] = None,
+                 deform: Optional[DeformFn] = None) -> RenderResult:
     """Render camera labels ``[B, 25]`` at ``resolution``² → ``RenderResult``.
 
     ``background(trigrid, H, W)`` may return background features ``[B, 32, h, w]`` (the GAN background hook).
     Without one, empty space decodes to zero features, i.e. torgb's bias colour (the SDS-side look).
+    ``deform(points [B, N, 3]) -> points`` warps the samples (posed rendering, ``gan.deform.PoseDeformer``).
     """
     if trigrid.ws is None:
         raise InvalidInputError("this tri-grid has no ws; ToRGB needs ws[:, -1] (load a tri-grid file that has 'ws')")
     origins, directions = cameras.rays(c.to(trigrid.dtype), resolution)
     out = render_rays(trigrid, decoder, origins.to(trigrid.device), directions.to(trigrid.device), settings,
-                      generator=generator, progress=progress)
+                      generator=generator, progress=progress, deform=deform)
     b = c.shape[0]
 
     def image(x):

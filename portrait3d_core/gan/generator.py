@@ -23,7 +23,9 @@ from ..renderer import RenderSettings, render_image
 from ..trigrid import TriGrid
 from .backbone import Hierarchy3DAwareGenerator
 from .config import GeneratorConfig, smpl_buffer_specs
+from .deform import PoseDeformer, require_smpl
 from .pose import PosePrediction, predict_pose
+from .smpl import SMPLModel
 from .stylegan2 import SynthesisNetwork
 from .superres import SuperresolutionHybrid8XDC
 
@@ -97,6 +99,24 @@ class PortraitGenerator(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.dataset_label_std.device
+
+    @property
+    def smpl(self) -> Optional[SMPLModel]:
+        """The renderer's SMPL body (``gan.smpl.SMPLModel``: canonical ``shaped_vertices``, ``faces``,
+        ``joint_regressor``, ``posed_vertices(pose)``), or None when the checkpoint has no ``renderer.*`` buffers.
+        Built from the buffers on first use and cached until they change (load, device or dtype moves)."""
+        key = tuple((b.data_ptr(), b.device, b.dtype, b._version) for b in self.renderer.buffers())
+        cached = getattr(self, "_smpl_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, SMPLModel.from_buffers(self.renderer, source="generator renderer.* buffers")
+                      if key else None)
+            self._smpl_cache = cached
+        return cached[1]
+
+    def deformer(self, pose: torch.Tensor, backend: str = "auto") -> PoseDeformer:
+        """The posed → canonical sample warp for pose ``[N, 6]`` (neck + head axis-angle, radians), thickness from
+        the config (0.25). Differentiable in ``pose``; pass it as ``render_image(..., deform=...)``."""
+        return PoseDeformer(require_smpl(self.smpl), pose.to(self.device), self.config.thickness, backend)
 
     # ------------------------------------------------------------------------------------------ state
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -214,9 +234,14 @@ class PortraitGenerator(nn.Module):
     def render_trigrid(self, trigrid: TriGrid, c: torch.Tensor, resolution: Optional[int] = None, *,
                        settings: Optional[RenderSettings] = None, background: bool = True,
                        super_resolution: bool = True, noise_mode: str = "const",
-                       generator: Optional[torch.Generator] = None, progress=None) -> dict:
+                       generator: Optional[torch.Generator] = None, progress=None,
+                       pose: Optional[torch.Tensor] = None, deform=None) -> dict:
         """Render any tri-grid (synthesised or loaded; its ``ws`` styles ToRGB, background and SR) from cameras
         ``[N, 25]`` at ``resolution``² (default: the model's neural rendering resolution).
+
+        ``pose [N, 6]`` renders the posed body (official ``apply_def=True``): every coarse and fine sample is warped
+        posed → canonical by ``self.deformer(pose)`` before lookup and crop; ``None`` is the canonical render.
+        ``deform`` passes a ready warp instead (any ``points -> points`` callable, e.g. a ``PoseDeformer``).
 
         Keys: ``image_raw`` ``[N, 3, h, h]``, ``image_depth``, ``image_mask`` (Σw·1.002 − 0.001), ``weights_image``,
         ``feature_image`` (composited; input of torgb and SR), ``feature_image_raw``; with ``background``:
@@ -230,13 +255,17 @@ class PortraitGenerator(nn.Module):
             raise InvalidInputError(f"tri-grid ws has width {ws.shape[-1]}, this generator expects {self.config.w_dim}")
         resolution = int(resolution or self.config.neural_rendering_resolution)
         settings = settings or self.render_settings()
+        if pose is not None:
+            if deform is not None:
+                raise InvalidInputError("give either a pose or a deform callable, not both")
+            deform = self.deformer(pose, settings.backend)
         bcg = None
         if background:
             ws_bcg = self.background_ws(ws)
             bcg = self.bcg_synthesis(ws_bcg.float(), noise_mode=noise_mode)
         out = render_image(trigrid, self.decoder_view(), c, resolution, settings,
                            background=None if bcg is None else (lambda tg, h, w: bcg),
-                           generator=generator, progress=progress)
+                           generator=generator, progress=progress, deform=deform)
         result = {"image_raw": out.image, "image_depth": out.depth, "image_mask": out.mask,
                   "weights_image": out.weight_sum, "feature_image": out.features,
                   "feature_image_raw": out.features_raw}
@@ -253,16 +282,17 @@ class PortraitGenerator(nn.Module):
     def synthesis(self, ws: torch.Tensor, c: torch.Tensor, neural_rendering_resolution: Optional[int] = None, *,
                   settings: Optional[RenderSettings] = None, noise_mode: str = "const",
                   generator: Optional[torch.Generator] = None, progress=None,
-                  super_resolution: bool = True) -> dict:
+                  super_resolution: bool = True, pose: Optional[torch.Tensor] = None, deform=None) -> dict:
         """Official ``G.synthesis``: ws ``[N, num_ws, w_dim]`` + render cameras ``[N, 25]`` → ``render_trigrid``'s
         dict (``image``, ``image_raw``, ``image_depth``, ``image_mask``, ``image_background``, intermediates) plus
-        ``trigrid`` (the synthesised ``TriGrid``)."""
+        ``trigrid`` (the synthesised ``TriGrid``). ``pose [N, 6]``: posed rendering (``apply_def=True,
+        pose_params=pose``), differentiable in ws and pose; None: canonical."""
         if ws.dim() != 3 or ws.shape[1] != self.num_ws or ws.shape[2] != self.config.w_dim:
             raise InvalidInputError(f"ws must be [N, {self.num_ws}, {self.config.w_dim}], got {tuple(ws.shape)}")
         trigrid = self.trigrid(ws, noise_mode)
         result = self.render_trigrid(trigrid, c, neural_rendering_resolution, settings=settings, background=True,
                                      super_resolution=super_resolution, noise_mode=noise_mode,
-                                     generator=generator, progress=progress)
+                                     generator=generator, progress=progress, pose=pose, deform=deform)
         result["trigrid"] = trigrid
         return result
 
