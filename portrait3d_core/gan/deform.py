@@ -72,12 +72,26 @@ class PoseDeformer:
                                     f"{tuple(pose.shape) if torch.is_tensor(pose) else type(pose).__name__}")
         if not bool(torch.isfinite(pose).all()):
             raise InvalidInputError("pose contains NaN or inf")
+        self._setup(smpl, smpl.posed_vertices(pose), thickness, backend)
+
+    @classmethod
+    def from_posed_vertices(cls, smpl: SMPLModel, posed_vertices: torch.Tensor, thickness: float = THICKNESS,
+                            backend: str = "auto") -> "PoseDeformer":
+        """The warp for a given posed mesh ``[B, V, 3]`` (same topology as ``smpl``; e.g. an external fit)."""
+        if posed_vertices.dim() != 3 or tuple(posed_vertices.shape[1:]) != (smpl.num_vertices, 3):
+            raise InvalidInputError(f"posed vertices must be [B, {smpl.num_vertices}, 3], got "
+                                    f"{tuple(posed_vertices.shape)}")
+        self = cls.__new__(cls)
+        self._setup(smpl, posed_vertices, thickness, backend)
+        return self
+
+    def _setup(self, smpl: SMPLModel, posed_vertices: torch.Tensor, thickness: float, backend: str) -> None:
         if not thickness > 0:
             raise InvalidInputError(f"thickness must be positive, got {thickness}")
         self.smpl, self.thickness, self.backend = smpl, float(thickness), backend
-        self.posed_vertices = smpl.posed_vertices(pose)                       # [B, V, 3]
-        self.posed_triangles = self.posed_vertices[:, smpl.candidate_faces]   # [B, F', 3, 3]
-        canonical = smpl.canonical_triangles(self.posed_vertices.dtype)
+        self.posed_vertices = posed_vertices                                  # [B, V, 3]
+        self.posed_triangles = posed_vertices[:, smpl.candidate_faces]        # [B, F', 3, 3]
+        canonical = smpl.canonical_triangles(posed_vertices.dtype).to(posed_vertices.device)
         self.maps, self.offsets = face_transforms(self.posed_triangles, canonical)
         self._search = self.posed_triangles.detach()
 
