@@ -2,7 +2,7 @@
 
 A program owns ``BLOCK_P`` points of one batch item and loops over the triangles in tiles of ``BLOCK_F``: the
 ``[BLOCK_P, BLOCK_F]`` squared distances are the reference's operations (``nearest_triangle_reference``), with
-IEEE round-to-nearest division (``div_rn``) and fused multiply-add disabled so they round like the CPU paths; a
+IEEE round-to-nearest division (``div_rn`` in fp32) and fused multiply-add disabled so they round like the CPU paths; a
 NaN distance counts as +inf; ``argmin`` keeps the lowest index of a tile and a later tile replaces the running best
 only when strictly nearer, so the lowest index wins ties. About 60 flops per point-triangle pair: 3.1 M samples
 (128² rays × 192) × ~5000 candidate faces ≈ 1 TFLOP per render pass on a GPU, as the official kaolin kernel.
@@ -27,9 +27,18 @@ INTERPRETER_BLOCK_P, INTERPRETER_BLOCK_F = 1024, 64
 
 
 @triton.jit
-def _segment_sq(px, py, pz, sx, sy, sz, tx, ty, tz):
+def _div(x, y, FP64: tl.constexpr):
+    """IEEE round-to-nearest x / y (``div_rn`` is fp32-only; fp64 division is already exact-rounded)."""
+    if FP64:
+        return x / y
+    else:
+        return tl.div_rn(x, y)
+
+
+@triton.jit
+def _segment_sq(px, py, pz, sx, sy, sz, tx, ty, tz, FP64: tl.constexpr):
     ex, ey, ez = tx - sx, ty - sy, tz - sz
-    u = tl.div_rn((px - sx) * ex + (py - sy) * ey + (pz - sz) * ez, ex * ex + ey * ey + ez * ez)
+    u = _div((px - sx) * ex + (py - sy) * ey + (pz - sz) * ez, ex * ex + ey * ey + ez * ez, FP64)
     is_nan = u != u                       # zero-length edge; the clamp below would hide it
     u = tl.minimum(tl.maximum(u, 0.0), 1.0)
     dx = px - (sx + u * ex)
@@ -40,7 +49,7 @@ def _segment_sq(px, py, pz, sx, sy, sz, tx, ty, tz):
 
 @triton.jit
 def _nearest_kernel(points_ptr, tri_ptr, dist_ptr, index_ptr, N, F,
-                    BLOCK_P: tl.constexpr, BLOCK_F: tl.constexpr):
+                    BLOCK_P: tl.constexpr, BLOCK_F: tl.constexpr, FP64: tl.constexpr):
     """points ``[B, N, 3]``, triangles ``[B, F, 9]`` (contiguous) → dist ``[B, N]``, index ``[B, N]`` (int64)."""
     b = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -75,17 +84,17 @@ def _nearest_kernel(points_ptr, tri_ptr, dist_ptr, index_ptr, N, F,
         ux = apy * acz - apz * acy
         uy = apz * acx - apx * acz
         uz = apx * acy - apy * acx
-        beta = tl.div_rn(ux * nx + uy * ny + uz * nz, nn)
+        beta = _div(ux * nx + uy * ny + uz * nz, nn, FP64)
         vx = aby * apz - abz * apy
         vy = abz * apx - abx * apz
         vz = abx * apy - aby * apx
-        gamma = tl.div_rn(vx * nx + vy * ny + vz * nz, nn)
+        gamma = _div(vx * nx + vy * ny + vz * nz, nn, FP64)
         inside = (beta >= 0.0) & (gamma >= 0.0) & (beta + gamma <= 1.0)
         h = apx * nx + apy * ny + apz * nz
-        plane = tl.div_rn(h * h, nn)
-        e0, n0 = _segment_sq(px, py, pz, ax, ay, az, bx, by, bz)
-        e1, n1 = _segment_sq(px, py, pz, bx, by, bz, cx, cy, cz)
-        e2, n2 = _segment_sq(px, py, pz, cx, cy, cz, ax, ay, az)
+        plane = _div(h * h, nn, FP64)
+        e0, n0 = _segment_sq(px, py, pz, ax, ay, az, bx, by, bz, FP64)
+        e1, n1 = _segment_sq(px, py, pz, bx, by, bz, cx, cy, cz, FP64)
+        e2, n2 = _segment_sq(px, py, pz, cx, cy, cz, ax, ay, az, FP64)
         edges = tl.minimum(tl.minimum(e0, e1), e2)
         edges = tl.where(n0 | n1 | n2 | (e0 != e0) | (e1 != e1) | (e2 != e2), inf, edges)
         d = tl.where(inside, plane, edges)
@@ -121,7 +130,8 @@ def nearest_triangle(points: torch.Tensor, triangles: torch.Tensor, *,
     block_p = min(block_p, triton.next_power_of_2(max(n, 16)))
     options = {} if INTERPRETED else {"enable_fp_fusion": False}
     _nearest_kernel[(triton.cdiv(n, block_p), batch)](pts, tris, dist, index, n, n_tri,
-                                                     BLOCK_P=block_p, BLOCK_F=block_f, **options)
+                                                     BLOCK_P=block_p, BLOCK_F=block_f,
+                                                     FP64=pts.dtype == torch.float64, **options)
     if max_distance is not None:
         far = dist > float(max_distance) ** 2
         dist = dist.masked_fill(far, float("inf"))

@@ -104,18 +104,24 @@ class PoseDeformer:
 
     def deform(self, points: torch.Tensor) -> Deformation:
         """Warp points ``[B, N, 3]`` (B = the pose batch, or any B for a single pose)."""
-        if points.dim() != 3 or points.shape[-1] != 3:
-            raise InvalidInputError(f"points must be [B, N, 3], got {tuple(points.shape)}")
-        b = points.shape[0]
-        if self.batch_size not in (1, b):
-            raise InvalidInputError(f"{b} point sets for a pose batch of {self.batch_size}")
-        dev, dtype = points.device, points.dtype
-        search = self._search.to(device=dev, dtype=dtype)
-        if search.shape[0] != b:
-            search = search.expand(b, -1, -1, -1)
-        dist_sq, index = kernels.nearest_triangle(points.detach(), search, max_distance=self.thickness,
-                                                  backend=self.backend)
-        moved = torch.sqrt(dist_sq) < self.thickness
+        dist_sq, index = self.nearest(points)
+        return self.transfer(points, dist_sq, index)
+
+    def nearest(self, points: torch.Tensor):
+        """Exact nearest candidate face of the posed mesh within the thickness: (squared distance ``[B, N]``, inf
+        beyond; face index ``[B, N]`` into ``smpl.candidate_faces``, -1 beyond). No gradient."""
+        self._check(points)
+        search = self._search.to(device=points.device, dtype=points.dtype)
+        if search.shape[0] != points.shape[0]:
+            search = search.expand(points.shape[0], -1, -1, -1)
+        return kernels.nearest_triangle(points.detach(), search, max_distance=self.thickness, backend=self.backend)
+
+    def transfer(self, points: torch.Tensor, dist_sq: torch.Tensor, index: torch.Tensor) -> Deformation:
+        """Move points ``[B, N, 3]`` from their face's posed frame to its canonical frame where sqrt(dist_sq) <
+        thickness (``index`` from ``nearest``, or any given face choice); differentiable in the pose and points."""
+        self._check(points)
+        b, dev, dtype = points.shape[0], points.device, points.dtype
+        moved = (torch.sqrt(dist_sq) < self.thickness).to(dev) & (index >= 0).to(dev)
         face = index.clamp_min(0).to(dev)
         maps = self.maps.to(device=dev, dtype=dtype).reshape(self.batch_size, -1, 9).expand(b, -1, -1)
         offsets = self.offsets.to(device=dev, dtype=dtype).expand(b, -1, -1)
@@ -124,6 +130,13 @@ class PoseDeformer:
         warped = (m @ points.unsqueeze(-1)).squeeze(-1) + t
         shift = torch.where(moved.unsqueeze(-1), warped - points, torch.zeros_like(points))
         return Deformation(points + shift, moved, dist_sq, index)
+
+    def _check(self, points: torch.Tensor) -> None:
+        if not torch.is_tensor(points) or points.dim() != 3 or points.shape[-1] != 3:
+            raise InvalidInputError(f"points must be [B, N, 3], got "
+                                    f"{tuple(points.shape) if torch.is_tensor(points) else type(points).__name__}")
+        if self.batch_size not in (1, points.shape[0]):
+            raise InvalidInputError(f"{points.shape[0]} point sets for a pose batch of {self.batch_size}")
 
 
 def deform_points(points: torch.Tensor, pose: torch.Tensor, smpl: SMPLModel, thickness: float = THICKNESS,
