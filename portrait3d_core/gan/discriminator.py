@@ -104,7 +104,8 @@ class DiscriminatorConfig:
                      conv_clamp=kw.get("conv_clamp", 256),
                      mbstd_group_size=int(epilogue.get("mbstd_group_size", 4)),
                      mbstd_channels=int(epilogue.get("mbstd_num_channels", 1)),
-                     mapping_layers=mapping_layers, cmap_dim=int(cmap_dim))
+                     mapping_layers=mapping_layers,
+                     cmap_dim=None if int(cmap_dim) == int(ch4) else int(cmap_dim))
         if config.seg_channels < 0:
             raise CheckpointError(f"{source}: b{top}.fromrgb takes {fromrgb.shape[1]} channels, expected 2·3 + mask")
         return config
@@ -249,16 +250,16 @@ class PoseDiscriminator(nn.Module):
     def __init__(self, config: DiscriminatorConfig = DiscriminatorConfig()):
         super().__init__()
         self.config = cfg = config
+        ch4 = cfg.channels(4)
+        self.pose_branch = DPoseBranch(ch4 * 16 + cfg.c_dim)          # first, as the official module order
         for r in cfg.block_resolutions:
             block = DiscriminatorBlock(cfg.channels(r) if r < cfg.img_resolution else 0, cfg.channels(r),
                                        cfg.channels(r // 2), r, cfg.input_channels, cfg.conv_clamp,
                                        r >= cfg.fp16_resolution)
             setattr(self, f"b{r}", block)
-        ch4 = cfg.channels(4)
         cmap_dim = cfg.cmap_dim or ch4
         self.mapping = LabelMapping(cfg.c_dim + POSE_DIM, cmap_dim, cfg.mapping_layers)
         self.b4 = DiscriminatorEpilogue(ch4, cmap_dim, cfg.conv_clamp, cfg.mbstd_group_size, cfg.mbstd_channels)
-        self.pose_branch = DPoseBranch(ch4 * 16 + cfg.c_dim)
         self.register_buffer("resample_filter", setup_filter())
 
     @classmethod
