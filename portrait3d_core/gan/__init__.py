@@ -9,6 +9,10 @@ Public API (imported lazily so ``python -m portrait3d_core.gan.convert`` stays c
   ``renderer.render_image``, ``synthesis(ws, c, resolution) -> dict``, ``superresolve(...)``.
 - ``GeneratorConfig`` (``config.py``): sizes; ``full_512()``, ``from_oracle_config(json)``, JSON round trip.
 - ``convert_checkpoint(pkl, out_dir)``: the converter behind the CLI.
+- Posed rendering: ``PortraitGenerator.smpl`` (``smpl.SMPLModel`` or None), ``PortraitGenerator.deformer(pose)``
+  (``deform.PoseDeformer``), ``synthesis(ws, c, pose=p)`` / ``render_trigrid(trigrid, c, pose=p)``.
+- Initial pose: ``load_discriminator(path)`` (``discriminator.PoseDiscriminator`` or None) and
+  ``predict_initial_pose(discriminator, image, mask, camera_label) -> [B, 6]``.
 """
 from __future__ import annotations
 
@@ -22,6 +26,12 @@ _EXPORTS = {
     "load_discriminator_state": "convert",
     "convert_checkpoint": "convert",
     "read_official_pickle": "convert",
+    "SMPLModel": "smpl",
+    "PoseDeformer": "deform",
+    "PoseDiscriminator": "discriminator",
+    "PosePredictSettings": "discriminator",
+    "load_discriminator": "discriminator",
+    "predict_initial_pose": "discriminator",
 }
 
 __all__ = sorted(_EXPORTS)
