@@ -376,6 +376,8 @@ def test_posed_render_pose_path_runs_the_same_warp(generator):
         b = generator.synthesis(case["mapping.ws"], case["input.c"], 16, settings=settings,
                                 deform=generator.deformer(case["input.pose_params"]))
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["image_depth"], b["image_depth"])
+    with pytest.raises(InvalidInputError, match=r"pose must be \[1, 6\]"):
+        generator.synthesis(case["mapping.ws"], case["input.c"], 16, settings=settings, pose=torch.zeros(2, 6))
     with pytest.raises(InvalidInputError, match="either a pose or a deform"):
         generator.synthesis(case["mapping.ws"], case["input.c"], 16, settings=settings,
                             pose=case["input.pose_params"], deform=lambda x: x)

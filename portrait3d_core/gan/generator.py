@@ -258,7 +258,12 @@ class PortraitGenerator(nn.Module):
         if pose is not None:
             if deform is not None:
                 raise InvalidInputError("give either a pose or a deform callable, not both")
-            deform = self.deformer(pose, settings.backend)
+            if not torch.is_tensor(pose) or pose.dim() != 2 or pose.shape[1] != 6 or \
+                    pose.shape[0] not in (1, c.shape[0]):
+                raise InvalidInputError(f"pose must be [{c.shape[0]}, 6] (or [1, 6]) neck + head axis-angle in radians "
+                                        f"for {c.shape[0]} camera(s), got "
+                                        f"{tuple(pose.shape) if torch.is_tensor(pose) else type(pose).__name__}")
+            deform = self.deformer(pose, settings.backend)      # the search uses the sampler's backend choice
         bcg = None
         if background:
             ws_bcg = self.background_ws(ws)
