@@ -214,6 +214,9 @@ def test_posed_render_search_ties_pick_the_lowest_index():
 
 
 def test_posed_render_search_rejects_bad_input():
+    from portrait3d_kernels.nearest_triangle import resolve_backend
+
+    assert resolve_backend("auto", torch.device("cpu")) == "cpu"          # numba is a declared dependency
     pts, tri = torch.zeros(1, 4, 3), torch.zeros(1, 2, 3, 3)
     with pytest.raises(kernels.NearestTriangleError, match=r"\[B, N, 3\]"):
         kernels.nearest_triangle(pts[0], tri)
