@@ -11,8 +11,10 @@ their faces. Each sample point x [B, N, 3]:
 Gradients flow to p (through V_p, hence M_f and t_f) and to x (through M_f). Depths stay in ray space; the renderer
 applies the warp to coarse and fine samples before the tri-grid lookup and the crop.
 
-``PoseDeformer(smpl, pose)`` computes the posed mesh and the per-face maps once; call it on any number of point
-chunks (``renderer.render_image(..., deform=...)``).
+``PoseDeformer(smpl, pose)`` (or ``PoseDeformer.from_posed_vertices(smpl, vertices)`` for a given posed mesh)
+computes the posed mesh and the per-face maps once; call it on any number of point chunks
+(``renderer.render_image(..., deform=...)``). ``deform(points)`` = ``nearest(points)`` (search, no gradient) then
+``transfer(points, dist_sq, index)`` (differentiable; also takes a recorded or given face choice).
 """
 from __future__ import annotations
 
