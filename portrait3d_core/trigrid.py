@@ -45,6 +45,7 @@ class TriGrid:
     box_warp: float = BOX_WARP
     meta: dict = field(default_factory=dict)
     _kernel_cache: Optional[list] = field(default=None, init=False, repr=False)
+    _kernel_cache_versions: Optional[tuple] = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         self.levels = list(self.levels)
@@ -99,11 +100,14 @@ class TriGrid:
 
     # ---------------------------------------------------------------------------------------------- ops
     def kernel_levels(self) -> list:
-        """Levels in the kernels' layout ``[B, 3, H, W, 3, 12]``; cached unless they carry gradients."""
+        """Levels in the kernels' layout ``[B, 3, H, W, 3, 12]``; cached unless they carry gradients (and
+        rebuilt after an in-place change of a level)."""
         needs_grad = torch.is_grad_enabled() and any(level.requires_grad for level in self.levels)
         if needs_grad:
             return [kernels.to_kernel_layout(level, DEPTH) for level in self.levels]
-        if self._kernel_cache is None:
+        versions = tuple(None if level.is_inference() else level._version for level in self.levels)
+        if self._kernel_cache is None or versions != self._kernel_cache_versions:
+            self._kernel_cache_versions = versions
             with torch.no_grad():
                 self._kernel_cache = [kernels.to_kernel_layout(level, DEPTH) for level in self.levels]
         return self._kernel_cache
