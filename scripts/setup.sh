@@ -32,7 +32,7 @@ find_python() {
 
 # The stamp records what was installed; when it matches, the heavy steps are skipped.
 STAMP="$VENV/.portrait3d-setup"
-want_stamp="$(cat "$ROOT/scripts/setup.sh" "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" | sha256sum | cut -c1-16)"
+want_stamp="$(cat "$ROOT/scripts/setup.sh" "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" "$ROOT/requirements-align.txt" | sha256sum | cut -c1-16)"
 
 if [ ! -x "$PY" ]; then
   log "creating $VENV"
@@ -83,8 +83,9 @@ EOF
   tv_spec="torchvision"; [ "$TORCH_VER" = "2.13.0" ] && tv_spec="$TV_PIN"
   "$PY" -m pip install -q -c "$PIN" "$tv_spec" requests -r "$REQ"
 
-  log "installing this package's requirements, triton (unpinned, >= 3.4) and the test tools"
-  "$PY" -m pip install -q -c "$PIN" -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt" "triton>=3.4"
+  log "installing this package's requirements, the [align] extra, triton (unpinned, >= 3.4) and the test tools"
+  "$PY" -m pip install -q -c "$PIN" -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt" \
+    -r "$ROOT/requirements-align.txt" "triton>=3.4"
   rm -f "$PIN" "$REQ"
 
   # torchvision 0.28.0 on PyPI is a CUDA build; with the CPU torch its import dies on missing op schemas.
