@@ -6,25 +6,29 @@ and returns the mean over levels and planes. Backends:
 - ``"triton"``: fused Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``, for tests);
 - ``"cpu"``: fused numba loops (the fast CPU path);
 - ``"reference"``: one ``grid_sample`` per level (the correctness oracle and benchmark baseline);
-- ``"auto"`` (default): Triton for CUDA tensors, the fast CPU path otherwise (reference if numba is missing).
+- ``"auto"`` (default): Triton for CUDA tensors when it works (checked once per process and device; one warning and
+  the reference otherwise), the fast CPU path for CPU tensors (reference if numba is missing);
+  ``PORTRAIT3D_BACKEND`` forces a backend instead (errors rather than falling back). See ``backend.py``.
 
 Gradients flow to the levels and to the coordinates through a thin ``autograd.Function``.
 """
 from __future__ import annotations
 
 import importlib
-import warnings
 from typing import Sequence
 
 import torch
 
 from . import trigrid_cpu
+from .backend import (ENV_BACKEND, NUMBA_MISSING_COST, TRITON_INSTALL, BackendFallbackWarning, TritonGate,
+                      fallback_message, forced_backend, is_fallback_worthy, warn_once)
 from .layout import from_kernel_layout, to_kernel_layout
 from .nearest_triangle import NearestTriangleError, nearest_triangle
 from .trigrid_reference import sample_trigrid_reference
 
 __all__ = ["sample_trigrid", "to_kernel_layout", "from_kernel_layout", "TriGridSamplingError", "BACKENDS",
-           "nearest_triangle", "NearestTriangleError"]
+           "nearest_triangle", "NearestTriangleError", "resolve_backend", "BackendFallbackWarning", "ENV_BACKEND",
+           "backend_report"]
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
 
@@ -33,33 +37,119 @@ class TriGridSamplingError(ValueError):
     """Invalid input to tri-grid sampling (shape, dtype, device or non-finite coordinates)."""
 
 
+def _load_triton():
+    return importlib.import_module(".trigrid_triton", __name__)
+
+
+def _probe_triton(module, device: torch.device) -> None:
+    """Compile and launch forward + backward on a tiny problem (what the first real use would need)."""
+    gen = torch.Generator().manual_seed(0)
+    levels = [torch.randn(1, 3, s, s, 3, 12, generator=gen).to(device) for s in (2, 3)]
+    coords = (torch.rand(1, 16, 3, generator=gen) * 2 - 1).to(device)
+    out = module.forward(levels, coords)
+    grads, gcoords = module.backward(levels, coords, torch.ones_like(out), True, True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    want = sample_trigrid_reference([from_kernel_layout(level) for level in levels], coords, 3)
+    if not torch.allclose(out, want, atol=1e-4, rtol=1e-4):
+        raise RuntimeError("the Triton forward disagrees with the reference on the check problem")
+
+
+TRITON = TritonGate("tri-grid sampling", _load_triton, _probe_triton)
+TRITON_DEVICE_TYPES = ("cuda",)  # where "auto" tries Triton (tests add "cpu" under TRITON_INTERPRET=1)
+
+
 def _triton_backend():
     try:
-        return importlib.import_module(".trigrid_triton", __name__)
+        return _load_triton()
     except ImportError as exc:  # triton missing or unusable
-        raise TriGridSamplingError(f"backend 'triton' is unavailable ({exc}); install triton>=3.4 or use backend='cpu'")
+        raise TriGridSamplingError(f"backend 'triton' is unavailable ({exc}); install it with {TRITON_INSTALL} or "
+                                   f"use backend='reference' ('cpu' for CPU tensors)")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend name for ``backend`` on ``device``."""
+    """The concrete backend name for ``backend`` on ``device``.
+
+    ``"auto"`` honours ``PORTRAIT3D_BACKEND`` (a forced backend errors instead of falling back); otherwise Triton on
+    CUDA when it works (checked once per process and device), else the reference with one warning; on CPU the numba
+    path, else the reference with one warning.
+    """
     if backend not in BACKENDS:
         raise TriGridSamplingError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend != "auto":
-        if backend == "cpu" and device.type != "cpu":
-            raise TriGridSamplingError("backend 'cpu' needs CPU tensors; move them with .cpu() or use 'auto'")
-        if backend == "cpu" and not trigrid_cpu.AVAILABLE:
-            raise TriGridSamplingError("backend 'cpu' needs numba (pip install numba); or use backend='reference'")
-        return backend
-    if device.type == "cuda":
-        try:
-            _triton_backend()
+    forced = forced_backend(BACKENDS, TriGridSamplingError) if backend == "auto" else None
+    where = f" (forced by {ENV_BACKEND})" if forced else ""
+    chosen = forced or backend
+    if chosen == "cpu":
+        if device.type != "cpu":
+            raise TriGridSamplingError(f"backend 'cpu'{where} needs CPU tensors; move them with .cpu(), or use 'auto'")
+        if not trigrid_cpu.AVAILABLE:
+            raise TriGridSamplingError(f"backend 'cpu'{where} needs numba (pip install numba); or use 'reference'")
+        return "cpu"
+    if chosen == "triton":
+        _triton_backend()
+        if device.type != "cpu":  # CPU tensors: the module's own check (interpreter only) gives the error
+            reason = TRITON.usable(device)
+            if reason is not None:
+                raise TriGridSamplingError(f"backend 'triton'{where} cannot run: {reason}. Fix: {TRITON_INSTALL}; "
+                                           f"or use 'reference'")
+        return "triton"
+    if chosen == "reference":
+        return "reference"
+    if device.type in TRITON_DEVICE_TYPES:
+        reason = TRITON.usable(device)
+        if reason is None:
             return "triton"
-        except TriGridSamplingError:
-            return "reference"
+        warn_once(("trigrid", str(device), reason), fallback_message("tri-grid sampling", reason))
+        return "reference"
     if trigrid_cpu.AVAILABLE:
         return "cpu"
-    warnings.warn("numba is not installed: tri-grid sampling uses the slow reference path (pip install numba)")
+    warn_once(("trigrid", "numba"), "numba is not installed: tri-grid sampling uses the slow reference path "
+              f"({NUMBA_MISSING_COST}); fix: pip install numba")
     return "reference"
+
+
+class _ReferenceKernel:
+    """The reference path in the kernel-layout interface of the fast backends (the fallback after a failed launch)."""
+
+    @staticmethod
+    def forward(levels, coords):
+        return sample_trigrid_reference([from_kernel_layout(level) for level in levels], coords, levels[0].shape[4])
+
+    @staticmethod
+    def backward(levels, coords, grad_out, need_levels, need_coords):
+        with torch.enable_grad():
+            lv = [level.detach().requires_grad_(need_levels) for level in levels]
+            cc = coords.detach().requires_grad_(need_coords)
+            out = _ReferenceKernel.forward(lv, cc)
+            inputs = (lv if need_levels else []) + ([cc] if need_coords else [])
+            grads = list(torch.autograd.grad(out, inputs, grad_out))
+        glevels = grads[:len(levels)] if need_levels else None
+        return glevels, (grads[-1] if need_coords else None)
+
+
+class _AutoTriton:
+    """Triton chosen by ``auto``: a failing launch (compile error, missing toolchain) warns once, marks Triton
+    unusable on that device and answers with the reference instead."""
+
+    @staticmethod
+    def _guarded(name, levels, coords, *args):
+        if TRITON.usable(coords.device) is None:
+            try:
+                return getattr(_triton_backend(), name)(levels, coords, *args)
+            except Exception as exc:  # noqa: BLE001
+                if not is_fallback_worthy(exc, (TriGridSamplingError,)):
+                    raise
+                reason = TRITON.failed(coords.device, exc)
+                warn_once(("trigrid", str(coords.device), reason), fallback_message("tri-grid sampling", reason))
+        return getattr(_ReferenceKernel, name)(levels, coords, *args)
+
+    @staticmethod
+    def forward(levels, coords):
+        return _AutoTriton._guarded("forward", levels, coords)
+
+    @staticmethod
+    def backward(levels, coords, grad_out, need_levels, need_coords):
+        return _AutoTriton._guarded("backward", levels, coords, grad_out, need_levels, need_coords)
 
 
 def _validate(levels: Sequence[torch.Tensor], coords: torch.Tensor, layout: str, depth: int) -> None:
@@ -145,5 +235,28 @@ def sample_trigrid(levels: Sequence[torch.Tensor], coords: torch.Tensor, *, layo
         return sample_trigrid_reference(official, coords, d)
     kernel_levels = [to_kernel_layout(level, depth) for level in levels] if layout == "official" else list(levels)
     kernel_levels = [level if level.is_contiguous() else level.contiguous() for level in kernel_levels]
-    impl = trigrid_cpu if name == "cpu" else _triton_backend()
+    if name == "cpu":
+        impl = trigrid_cpu
+    elif backend == "auto" and forced_backend(BACKENDS, TriGridSamplingError) is None:
+        impl = _AutoTriton  # chosen by auto: a failing launch falls back (forced / explicit Triton errors instead)
+    else:
+        impl = _triton_backend()
     return _SampleTriGrid.apply(impl, coords.contiguous(), *kernel_levels)
+
+
+def backend_report(device: torch.device) -> dict:
+    """What ``auto`` runs on ``device``, for the host's log line / route: ``{device, trigrid_sampling,
+    nearest_triangle, triton, reason}`` (``reason``: why Triton is not used, or None)."""
+    nearest = importlib.import_module(".nearest_triangle", __name__)
+    device = torch.device(device)
+    name = resolve_backend("auto", device)
+    try:
+        import triton
+
+        version = triton.__version__
+    except ImportError:
+        version = None
+    reason = TRITON.usable(device) if device.type in TRITON_DEVICE_TYPES else None
+    return {"device": str(device), "trigrid_sampling": name,
+            "nearest_triangle": nearest.resolve_backend("auto", device),
+            "triton": version, "forced_by_env": forced_backend(BACKENDS, TriGridSamplingError), "reason": reason}

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 try:  # the interpreter's function type; absent names mean a compiled (GPU) runtime
     from triton.runtime.interpreter import InterpretedFunction as _Interpreted
 except ImportError:  # pragma: no cover
@@ -129,9 +131,8 @@ def nearest_triangle(points: torch.Tensor, triangles: torch.Tensor, *,
     block_p, block_f = (INTERPRETER_BLOCK_P, INTERPRETER_BLOCK_F) if INTERPRETED else (GPU_BLOCK_P, GPU_BLOCK_F)
     block_p = min(block_p, triton.next_power_of_2(max(n, 16)))
     options = {} if INTERPRETED else {"enable_fp_fusion": False}
-    _nearest_kernel[(triton.cdiv(n, block_p), batch)](pts, tris, dist, index, n, n_tri,
-                                                     BLOCK_P=block_p, BLOCK_F=block_f,
-                                                     FP64=pts.dtype == torch.float64, **options)
+    launch(_nearest_kernel, (triton.cdiv(n, block_p), batch), (pts, tris, dist, index), pts, tris, dist, index, n,
+           n_tri, BLOCK_P=block_p, BLOCK_F=block_f, FP64=pts.dtype == torch.float64, **options)
     if max_distance is not None:
         far = dist > float(max_distance) ** 2
         dist = dist.masked_fill(far, float("inf"))

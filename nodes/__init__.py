@@ -21,4 +21,5 @@ class Portrait3DExtension(ComfyExtension):
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         host.register_model_folder()    # 0.3.75 does not call on_load
+        host.register_routes()          # GET /portrait3d/backend: compute device + sampling backend
         return list(NODE_CLASSES)

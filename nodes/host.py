@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import torch
@@ -54,6 +55,48 @@ def writable_cache_dir() -> str:
 def compute_device() -> torch.device:
     """ComfyUI's compute device (CUDA when available and not --cpu)."""
     return comfy.model_management.get_torch_device()
+
+
+BACKEND_ROUTE = "/portrait3d/backend"
+_ROUTES = {}
+
+
+def backend_report() -> dict:
+    """The compute device and the sampling backends ``auto`` uses on it (the first call on CUDA compiles and runs
+    the Triton check; logged once)."""
+    from portrait3d_core._kernels import kernels
+
+    if "report" not in _ROUTES:
+        report = kernels.backend_report(compute_device())
+        triton = f" (triton {report['triton']})" if report["trigrid_sampling"] == "triton" else ""
+        why = f"; Triton not used: {report['reason']}" if report["reason"] else ""
+        logging.getLogger("portrait3d").info(
+            "[Portrait3D] compute device %s; tri-grid sampling backend: %s%s; nearest-triangle search: %s%s",
+            report["device"], report["trigrid_sampling"], triton, report["nearest_triangle"], why)
+        _ROUTES["report"] = report
+    return _ROUTES["report"]
+
+
+def register_routes() -> None:
+    """``GET /portrait3d/backend`` → ``backend_report()`` as JSON (once per server)."""
+    if _ROUTES.get("registered"):
+        return
+    try:
+        import server as comfy_server  # ComfyUI's server module (it brings aiohttp's ``web``)
+    except ImportError:  # not inside a ComfyUI server (e.g. imported by tests)
+        return
+    PromptServer, web = comfy_server.PromptServer, comfy_server.web
+    if getattr(PromptServer, "instance", None) is None:
+        return
+
+    @PromptServer.instance.routes.get(BACKEND_ROUTE)
+    async def _backend(request):
+        import asyncio
+
+        report = await asyncio.get_running_loop().run_in_executor(None, backend_report)
+        return web.json_response(report)
+
+    _ROUTES["registered"] = True
 
 
 def on_compute_device(trigrid, *modules):

@@ -39,12 +39,23 @@ def check_host_installed() -> None:
                           f"run `bash scripts/setup.sh` first")
 
 
+def gpu_available() -> bool:
+    """Whether torch (this virtualenv's, the server's) sees a CUDA GPU."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
 class ComfyServer:
     """A ComfyUI process on 127.0.0.1 with its own output/temp/user folders under ``workdir``."""
 
     def __init__(self, workdir: str, extra_model_paths: dict | None = None, port: int | None = None,
-                 disable_api_nodes: bool = False):
+                 disable_api_nodes: bool = False, cpu: bool | None = None):
         check_host_installed()
+        # --cpu only when asked, or when torch sees no CUDA GPU (ComfyUI then needs it); else ComfyUI uses the GPU
+        self.cpu = (not gpu_available()) if cpu is None else cpu
         self.workdir = workdir
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -63,7 +74,7 @@ class ComfyServer:
     def start(self, timeout: float = 240.0) -> "ComfyServer":
         for d in (self.output_dir, self.temp_dir, self.user_dir):
             os.makedirs(d, exist_ok=True)
-        cmd = [PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [PYTHON, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1", "--port", str(self.port),
                "--output-directory", self.output_dir, "--temp-directory", self.temp_dir,
                "--user-directory", self.user_dir, "--database-url", "sqlite:///:memory:", "--disable-auto-launch"]
         if self.disable_api_nodes:
@@ -126,6 +137,10 @@ class ComfyServer:
 
     def post(self, path: str, body=None, timeout: float = 30.0):
         return self._request("POST", path, body if body is not None else {}, timeout=timeout)
+
+    def backend(self) -> dict:
+        """``GET /portrait3d/backend``: the server's compute device and sampling backends (see nodes/host.py)."""
+        return self.get("/portrait3d/backend", timeout=600)
 
     def object_info(self) -> dict:
         return self.get("/object_info", timeout=60)

@@ -112,9 +112,13 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="p3d-comfy-") as work:
         server = ComfyServer(work)
         server.output_dir = OUTPUT
-        print("[demo] starting ComfyUI 0.3.75 on 127.0.0.1 (CPU) …")
+        print(f"[demo] starting ComfyUI 0.3.75 on 127.0.0.1 ({'CPU' if server.cpu else 'GPU'}) …")
         server.start()
         try:
+            report = server.backend()
+            why = f" — Triton not used: {report['reason']}" if report.get("reason") else ""
+            print(f"[demo] server device {report['device']}; tri-grid sampling backend: {report['trigrid_sampling']}"
+                  f"{' (triton ' + report['triton'] + ')' if report['trigrid_sampling'] == 'triton' else ''}{why}")
             info = server.object_info()
             for name in workflows:
                 if run_workflow(server, info, os.path.join(ROOT, "example_workflows", name), assets, args) != 0:

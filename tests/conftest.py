@@ -100,7 +100,8 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory):
-    """One real ComfyUI server (``.comfyui/``, loopback, --cpu) for the whole session, with small test assets in an
+    """One real ComfyUI server (``.comfyui/``, loopback; ``--cpu`` unless torch sees a GPU) for the whole session,
+    with small test assets in an
     extra ``portrait3d`` model folder and a ``checkpoints`` folder (see ``tiny_sd15``) given through
     extra_model_paths.yaml."""
     from comfy_client import ComfyServer
