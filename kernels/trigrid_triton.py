@@ -62,8 +62,9 @@ INTERPRETER_BLOCK_M = 4096  # points per program under the interpreter (few prog
 _ELEM = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float64: tl.float64}
 _ACC = {torch.float32: tl.float32, torch.float16: tl.float32, torch.bfloat16: tl.float32,  # accumulation dtypes
         torch.float64: tl.float64}
-# Register cap of the two-gradient backward on sm_90+: uncapped it takes 164 registers (3 programs of 4 warps per SM);
-# at 128 it has no spills, +4 % instructions and 4 programs per SM (scripts/triton_compiled_stats.py).
+# Register cap of the two-gradient backward on sm_9x: uncapped it takes 164 registers (3 programs of 4 warps per SM);
+# at 128 it has no spills, +4 % instructions and 4 programs per SM. Not on sm_8x / sm_120, where ptxas then spills
+# inside the level loop (scripts/triton_compiled_stats.py measures both).
 BACKWARD_MAXNREG = 128
 DETERMINISTIC_CHUNK = 1 << 16  # points per step of the deterministic feature gradient (bounds its temporaries)
 
@@ -279,7 +280,7 @@ def launch_args(levels, coords, out, gout, grads, gcoords, forward, need_levels,
     kwargs = dict(FORWARD=forward, NEED_LEVELS=need_levels, NEED_COORDS=need_coords, D=d, C=c, BLOCK_M=block_m,
                   CHUNK=chunk_size(c), ELEM=_ELEM[coords.dtype], ACC=_ACC[coords.dtype], num_warps=GPU_NUM_WARPS)
     arch = _arch(device) if arch is None else arch
-    if not INTERPRETED and not forward and need_levels and need_coords and (arch or 0) >= 90:
+    if not INTERPRETED and not forward and need_levels and need_coords and 90 <= (arch or 0) < 100:
         kwargs["maxnreg"] = BACKWARD_MAXNREG
     touched = (*levels, *grads, *args[:7])
     return (triton.cdiv(m, block_m), b), args, kwargs, touched

@@ -82,35 +82,43 @@ def compile_variant(arch: int, dtype: str, variant: str, m: int, num_levels: int
     return kernel, kwargs
 
 
-def _sass(kernel) -> str:
-    return kernel.asm["sass"]
-
-
-def _registers(kernel) -> int:
+def _tool(name: str) -> str:
     from triton.backends.nvidia import compiler as nv
 
-    tool = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
+    return os.path.join(os.path.dirname(nv.__file__), "bin", name)
+
+
+def _run_on_cubin(kernel, *cmd) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
         fh.write(kernel.asm["cubin"])
         fh.flush()
-        text = subprocess.run([tool, "--dump-resource-usage", fh.name], capture_output=True, text=True).stdout
+        return subprocess.run([*cmd, fh.name], capture_output=True, text=True).stdout
+
+
+def _registers(kernel) -> int:
+    text = _run_on_cubin(kernel, _tool("cuobjdump"), "--dump-resource-usage")
     return int(re.search(r"REG:(\d+)", text).group(1))
+
+
+def sass_lines(kernel) -> list:
+    """``nvdisasm -c`` of the cubin: labels (``.L_x_N:``) and instructions (``/*addr*/ TEXT ;``) in order."""
+    return _run_on_cubin(kernel, _tool("nvdisasm"), "-c").splitlines()
 
 
 def analyse(kernel, block_m: int, num_warps: int, num_levels: int = len(LEVEL_SIZES)) -> dict:
     """Registers, spills and per-point instruction / atomic estimates of a compiled kernel (see module doc)."""
-    labels, code = {}, []  # label -> index of the next instruction; [(address, text)]
-    for line in _sass(kernel).splitlines():
-        lab = re.match(r"^\s*(\w+):\s*$", line)
+    labels, code = {}, []  # label -> index of the next instruction; [instruction text]
+    for line in sass_lines(kernel):
+        lab = re.match(r"^\s*(\.L_x_\d+):", line)
         if lab:
             labels[lab.group(1)] = len(code)
             continue
-        ins = re.match(r"^[\w-]+:[\w-]+:[\w-]+:[\w-]+:\w+\t(.*?);?\s*$", line)  # "ctrl\tINSTR;"
+        ins = re.match(r"^\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;?\s*$", line)
         if ins:
             code.append(ins.group(1))
     loops = []  # (first, last) instruction indices of each backward branch's body
     for i, text in enumerate(code):
-        br = re.search(r"\bBRA\s+(?:`\()?(\w+)", text)
+        br = re.search(r"\bBRA(?:\.\w+)*\s.*`\((\.L_x_\d+)\)", text)
         if br and labels.get(br.group(1), i + 1) <= i:
             loops.append((labels[br.group(1)], i))
     trips = [num_levels if any(a < b0 or b1 < b for b0, b1 in loops if (a, b) != (b0, b1) and a <= b0 and b1 <= b)
@@ -125,9 +133,11 @@ def analyse(kernel, block_m: int, num_warps: int, num_levels: int = len(LEVEL_SI
     kinds = sorted({re.search(r"((?:RED|ATOM)\S*)", t).group(1) for _, t in atomics})
     dyn_atomics = sum(weight[i] for i, _ in atomics)
     width = 4 if any("x4" in k for k in kinds) else 2 if any("x2" in k for k in kinds) else 1
+    spills = [i for i, t in enumerate(code) if re.match(r"(@!?P\w+\s+)?(STL|LDL)\b", t)]
     return {
         "registers": _registers(kernel),
-        "spill_instructions": sum(bool(re.match(r"(@!?P\w+\s+)?(STL|LDL)\b", t)) for t in code),
+        "spill_instructions": len(spills),
+        "spill_instructions_in_loops": sum(weight[i] > 1 for i in spills),
         "sass_static": len(code),
         "warp_instructions_per_point": sum(weight) / points_per_warp,
         "atomics_per_point": dyn_atomics * threads_per_point,
