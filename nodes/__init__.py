@@ -10,9 +10,11 @@ from .loaders import LoadDecoder, LoadTriGrid
 from .render import Camera, RenderTriGrid, RenderTurntable
 from .save import SaveTriGrid
 from .sds import ScoreDistillation
+from .refine import Refine, RefitTriGrid, RenderViews
 
 NODE_CLASSES = [LoadTriGrid, LoadDecoder, LoadPortraitGAN, TriGridSynthesis, Camera, RenderTriGrid, RenderTurntable,
                 SaveTriGrid, ExportMesh, ScoreDistillation]
+NODE_CLASSES += [Refine, RenderViews, RefitTriGrid]
 
 
 class Portrait3DExtension(ComfyExtension):
