@@ -251,6 +251,13 @@ def _check(levels: Sequence[torch.Tensor], coords: torch.Tensor) -> None:
             raise TriGridSamplingError(f"level {i} must be contiguous, {coords.dtype}, on {coords.device}")
 
 
+def _aligned(level: torch.Tensor) -> torch.Tensor:
+    """The level detached, copied when its data does not start on a 16-byte boundary (a view at an odd offset): the
+    kernel tells the compiler that level addresses are multiples of 16 (for 128-bit accesses)."""
+    level = level.detach()
+    return level if level.data_ptr() % 16 == 0 else level.clone()
+
+
 def _address_table(tensors, device) -> torch.Tensor:
     return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(device, non_blocking=True)
 
@@ -298,7 +305,7 @@ def forward(levels: Sequence[torch.Tensor], coords: torch.Tensor, block_m: int |
     """
     _check(levels, coords)
     coords = coords.detach().contiguous()
-    levels = [level.detach() for level in levels]
+    levels = [_aligned(level) for level in levels]
     out = torch.empty(coords.shape[0], coords.shape[1], levels[0].shape[5], dtype=coords.dtype, device=coords.device)
     if out.numel():
         _launch(levels, coords, out, out, None, coords, True, False, False, block_m)
@@ -365,7 +372,7 @@ def backward(levels: Sequence[torch.Tensor], coords: torch.Tensor, grad_out: tor
     if not (need_levels or need_coords):
         return None, None
     coords = coords.detach().contiguous()
-    levels = [level.detach() for level in levels]
+    levels = [_aligned(level) for level in levels]
     grad_out = grad_out.detach().to(coords.dtype).contiguous()
     acc_dtype = torch.float64 if coords.dtype == torch.float64 else torch.float32
     deterministic = need_levels and torch.are_deterministic_algorithms_enabled()

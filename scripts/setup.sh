@@ -118,4 +118,8 @@ if ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 
-log "done. Start ComfyUI with: .venv/bin/python .comfyui/main.py --cpu"
+if "$ROOT/.venv/bin/python" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  log "done. Start ComfyUI with: .venv/bin/python .comfyui/main.py   (torch sees a GPU)"
+else
+  log "done. Start ComfyUI with: .venv/bin/python .comfyui/main.py --cpu   (torch sees no GPU)"
+fi

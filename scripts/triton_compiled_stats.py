@@ -154,14 +154,14 @@ def measure(arch, dtype, variant, m):
 
 def main(argv=None) -> int:
     full = "--all" in (argv if argv is not None else sys.argv[1:])
-    print("arch  dtype     variant          M%16 | regs spills SASS(static) warp-instr/pt atomics/pt width")
+    print("arch  dtype     variant          M%16 | regs spills(in loops) SASS(static) warp-instr/pt atomics/pt width")
     for arch in ARCHS:
         for dtype in (DTYPES if full else DTYPES[:1]):
             for variant in VARIANTS:
                 for m in ((1024, 1000) if full else (1000,)):
                     s = measure(arch, dtype, variant, m)
                     print(f"sm_{arch:<3} {dtype:<9} {variant:<16} {m % 16:>4} | {s['registers']:>4} "
-                          f"{s['spill_instructions']:>6} {s['sass_static']:>12} {s['warp_instructions_per_point']:>14.1f} "
+                          f"{s['spill_instructions']:>6}({s['spill_instructions_in_loops']}) {s['sass_static']:>12} {s['warp_instructions_per_point']:>14.1f} "
                           f"{s['atomics_per_point']:>10.0f} {s['atomic_width']:>5}", flush=True)
     return 0
 
