@@ -117,8 +117,9 @@ def main(argv=None) -> int:
         try:
             report = server.backend()
             why = f" — Triton not used: {report['reason']}" if report.get("reason") else ""
-            print(f"[demo] server device {report['device']}; tri-grid sampling backend: {report['trigrid_sampling']}"
-                  f"{' (triton ' + report['triton'] + ')' if report['trigrid_sampling'] == 'triton' else ''}{why}")
+            label = {"cpu": "cpu (numba fast path)", "reference": "reference (grid_sample)",
+                     "triton": f"triton {report.get('triton')}"}.get(report["trigrid_sampling"], report["trigrid_sampling"])
+            print(f"[demo] server device {report['device']}; tri-grid sampling backend: {label}{why}")
             info = server.object_info()
             for name in workflows:
                 if run_workflow(server, info, os.path.join(ROOT, "example_workflows", name), assets, args) != 0:
