@@ -246,51 +246,58 @@ def _fast_chunk(trigrid, decoder, levels, grid: OccupancyGrid, origins, directio
                 want_weights, depths=None, deform=None) -> RayOutput:
     """``fast`` mode for one chunk of rays ``[B, R, 3]``: only samples in occupied cells, before the ray's
     transmittance falls below ``settings.stop_transmittance``, and only on rays with an occupied coarse sample
-    ("hit") are decoded; the others count as empty (σ = −1000). Same depth draws as the exact path."""
+    ("hit") are decoded; the others count as empty (σ = −1000). Same depth draws as the exact path.
+
+    The coarse pass runs in steps of ``fast_block`` samples without autograd (it only decides what to evaluate).
+    With autograd on, every evaluated coarse and fine sample of an item is then decoded again in ONE tri-grid
+    lookup, so the backward pass builds one tri-grid gradient per item, not one per step.
+    """
     b, r, _ = origins.shape
     n_c, n_f, block = settings.coarse_samples, settings.fine_samples, settings.fast_block
     n_feat = decoder.config.out_features
+    stop = settings.stop_transmittance
+    grad = torch.is_grad_enabled()
 
     def points_of(d):
         p = origins.unsqueeze(-2) + d * directions.unsqueeze(-2)
         return p if deform is None else deform(p.reshape(b, -1, 3)).reshape(p.shape)
 
     def evaluate(i, p):
-        sigma, feats = query(trigrid, decoder, p.unsqueeze(0), crop=settings.crop,
-                             kernel_levels=[level[i:i + 1] for level in levels], backend=settings.backend)
+        item_levels = levels if b == 1 else [level[i:i + 1] for level in levels]
+        sigma, feats = query(trigrid, decoder, p.unsqueeze(0), crop=settings.crop, kernel_levels=item_levels,
+                             backend=settings.backend)
         return sigma[0], feats[0]
 
     depths_c = stratified_depths(b, r, settings, origins.device, origins.dtype, generator) if depths is None \
         else depths[0]
-    pts_c = points_of(depths_c)
-    occ_c = grid.lookup(pts_c.reshape(b, -1, 3)).reshape(b, r, n_c)
+    with torch.no_grad():
+        pts_c = points_of(depths_c)
+        occ_c = grid.lookup(pts_c.reshape(b, -1, 3)).reshape(b, r, n_c)
     hit = occ_c.any(-1)
-    stop = settings.stop_transmittance
     items = []
-    for i in range(b):
+    for i in range(b):                                   # coarse pass, no autograd
         rays = hit[i].nonzero()[:, 0]
-        n_hit = rays.numel()
         occ, z_c = occ_c[i, rays], depths_c[i, rays, :, 0]
-        sig = z_c.new_full((n_hit, n_c), CROPPED_SIGMA)
-        alive = torch.ones(n_hit, dtype=torch.bool, device=origins.device)
-        sig_pieces, feat_pieces = [], []
-        for s0 in range(0, n_c, block):
-            s1 = min(n_c, s0 + block)
-            hr, hs = (occ[:, s0:s1] & alive[:, None]).nonzero(as_tuple=True)
-            if hr.numel():
-                sigma, feats = evaluate(i, pts_c[i, rays[hr], s0 + hs])
-                row = hr * n_c + s0 + hs
-                sig_pieces.append((row, sigma))
-                feat_pieces.append((row, feats))
-                sig[hr, s0 + hs] = sigma[:, 0].detach()
-            if s1 < n_c and stop > 0:
-                with torch.no_grad():
+        sig = z_c.new_full((rays.numel(), n_c), CROPPED_SIGMA)
+        evaluated = torch.zeros_like(occ)
+        alive = torch.ones(rays.numel(), dtype=torch.bool, device=origins.device)
+        feats_c = None if grad else z_c.new_zeros(rays.numel(), n_c, n_feat)
+        with torch.no_grad():
+            for s0 in range(0, n_c, block):
+                s1 = min(n_c, s0 + block)
+                ev = occ[:, s0:s1] & alive[:, None]
+                hr, hs = ev.nonzero(as_tuple=True)
+                if hr.numel():
+                    sigma, feats = evaluate(i, pts_c[i, rays[hr], s0 + hs])
+                    sig[hr, s0 + hs] = sigma[:, 0]
+                    if feats_c is not None:
+                        feats_c[hr, s0 + hs] = feats
+                    evaluated[:, s0:s1] = ev
+                if s1 < n_c and stop > 0:
                     alive &= _transmittance(sig[:, :s1], z_c[:, :s1])[:, -1] > stop
-                if not bool(alive.any()):
-                    break
-        sigma_c = _assemble(n_hit * n_c, sig_pieces, 1, CROPPED_SIGMA, z_c).reshape(n_hit, n_c, 1)
-        colors_c = _assemble(n_hit * n_c, feat_pieces, n_feat, 0.0, z_c).reshape(n_hit, n_c, n_feat)
-        items.append(dict(rays=rays, sig=sig, sigma_c=sigma_c, colors_c=colors_c))
+                    if not bool(alive.any()):
+                        break
+        items.append(dict(rays=rays, sig=sig, feats_c=feats_c, evaluated_c=evaluated))
 
     lo, hi = depths_c.min(), depths_c.max()
     if n_f > 0:
@@ -298,65 +305,75 @@ def _fast_chunk(trigrid, decoder, levels, grid: OccupancyGrid, origins, directio
             weights_c = depths_c.new_zeros(b, r, n_c - 1, 1)
             with torch.no_grad():
                 for i, item in enumerate(items):
-                    if item["rays"].numel():
-                        _, _, w = march(item["colors_c"].unsqueeze(0), item["sigma_c"].unsqueeze(0),
-                                        depths_c[i, item["rays"]].unsqueeze(0))
-                        weights_c[i, item["rays"]] = w[0]
+                    z_c = depths_c[i, item["rays"], :, 0]
+                    t = _transmittance(item["sig"], z_c)
+                    alpha = 1 - torch.exp(-F.softplus((item["sig"][:, :-1] + item["sig"][:, 1:]) / 2 - 1)
+                                          * (z_c[:, 1:] - z_c[:, :-1]))
+                    weights_c[i, item["rays"], :, 0] = alpha * t[:, :-1]
             depths_f = importance_depths(depths_c, weights_c, n_f, settings.deterministic, generator)
         else:
             depths_f = depths[1]
         hi = torch.maximum(hi, depths_f.max())
-        pts_f = points_of(depths_f)
-        occ_f = grid.lookup(pts_f.reshape(b, -1, 3)).reshape(b, r, n_f)
+        with torch.no_grad():
+            pts_f = points_of(depths_f)
+            occ_f = grid.lookup(pts_f.reshape(b, -1, 3)).reshape(b, r, n_f)
         far = 2 * hi + 1
     out_feat = origins.new_zeros(b, r, n_feat)
-    out_depth = hi.expand(b, r, 1).clone() if torch.is_tensor(hi) else origins.new_full((b, r, 1), hi)
+    out_depth = hi.expand(b, r, 1).clone()
     out_wsum = origins.new_zeros(b, r, 1)
     out_weights = origins.new_zeros(b, r, n_c + n_f - 1, 1) if want_weights else None
-    feats_rows, depth_rows, wsum_rows, weight_rows = [], [], [], []
+    rows = []
     for i, item in enumerate(items):
         rays = item["rays"]
-        if rays.numel() == 0:
+        n_hit = rays.numel()
+        if n_hit == 0:
             continue
         z_c = depths_c[i, rays]
+        hr_c, hs_c = item["evaluated_c"].nonzero(as_tuple=True)
         if n_f > 0:
             z_f = depths_f[i, rays, :, 0]
             with torch.no_grad():
-                live_c = _transmittance(item["sig"], z_c[..., 0]) > stop if stop > 0 else None
-                ev = occ_f[i, rays]
-                if live_c is not None:
-                    before = (torch.searchsorted(z_c[..., 0].contiguous(), z_f.contiguous(), right=True) - 1)
-                    ev = ev & torch.gather(live_c, 1, before.clamp_min(0))
-            hr, hs = ev.nonzero(as_tuple=True)
-            n_hit = rays.numel()
-            pieces_s, pieces_f = [], []
-            if hr.numel():
-                sigma, feats = evaluate(i, pts_f[i, rays[hr], hs])
-                pieces_s.append((hr * n_f + hs, sigma))
-                pieces_f.append((hr * n_f + hs, feats))
-            sigma_f = _assemble(n_hit * n_f, pieces_s, 1, CROPPED_SIGMA, z_f).reshape(n_hit, n_f, 1)
-            colors_f = _assemble(n_hit * n_f, pieces_f, n_feat, 0.0, z_f).reshape(n_hit, n_f, n_feat)
-            z_f = torch.where(ev, z_f, far).unsqueeze(-1)          # skipped fine samples sort past the end
-            z_all, order = torch.sort(torch.cat([z_c, z_f], -2), dim=-2)
-            colors = torch.gather(torch.cat([item["colors_c"], colors_f], -2), -2, order.expand(-1, -1, n_feat))
-            sigmas = torch.gather(torch.cat([item["sigma_c"], sigma_f], -2), -2, order)
+                ev_f = occ_f[i, rays]
+                if stop > 0:
+                    live_c = _transmittance(item["sig"], z_c[..., 0]) > stop
+                    before = torch.searchsorted(z_c[..., 0].contiguous(), z_f.contiguous(), right=True) - 1
+                    ev_f = ev_f & torch.gather(live_c, 1, before.clamp_min(0))
+            hr_f, hs_f = ev_f.nonzero(as_tuple=True)
+            points = [pts_c[i, rays[hr_c], hs_c], pts_f[i, rays[hr_f], hs_f]]
         else:
-            z_all, colors, sigmas = z_c, item["colors_c"], item["sigma_c"]
+            points = [pts_c[i, rays[hr_c], hs_c]]
+        if grad:                                         # one differentiable lookup of every evaluated sample
+            sigma, feats = evaluate(i, torch.cat(points))
+            k = hr_c.numel()
+            sigma_c = _assemble(n_hit * n_c, [(hr_c * n_c + hs_c, sigma[:k])], 1, CROPPED_SIGMA, z_c)
+            colors_c = _assemble(n_hit * n_c, [(hr_c * n_c + hs_c, feats[:k])], n_feat, 0.0, z_c)
+            sigma_c, colors_c = sigma_c.reshape(n_hit, n_c, 1), colors_c.reshape(n_hit, n_c, n_feat)
+            sigma, feats = sigma[k:], feats[k:]
+        else:
+            sigma_c, colors_c = item["sig"].unsqueeze(-1), item["feats_c"]
+            if n_f > 0 and hr_f.numel():
+                sigma, feats = evaluate(i, points[1])
+        if n_f > 0:
+            pieces = [(hr_f * n_f + hs_f, sigma)] if hr_f.numel() else []
+            fpieces = [(hr_f * n_f + hs_f, feats)] if hr_f.numel() else []
+            sigma_f = _assemble(n_hit * n_f, pieces, 1, CROPPED_SIGMA, z_f).reshape(n_hit, n_f, 1)
+            colors_f = _assemble(n_hit * n_f, fpieces, n_feat, 0.0, z_f).reshape(n_hit, n_f, n_feat)
+            z_f = torch.where(ev_f, z_f, far).unsqueeze(-1)          # skipped fine samples sort past the end
+            z_all, order = torch.sort(torch.cat([z_c, z_f], -2), dim=-2)
+            colors = torch.gather(torch.cat([colors_c, colors_f], -2), -2, order.expand(-1, -1, n_feat))
+            sigmas = torch.gather(torch.cat([sigma_c, sigma_f], -2), -2, order)
+        else:
+            z_all, colors, sigmas = z_c, colors_c, sigma_c
         features, depth, weights = march(colors.unsqueeze(0), sigmas.unsqueeze(0), z_all.unsqueeze(0), (lo, hi))
-        index = (torch.full_like(rays, i), rays)
-        feats_rows.append((index, features[0]))
-        depth_rows.append((index, depth[0]))
-        wsum_rows.append((index, weights[0].sum(1)))
-        if want_weights:
-            weight_rows.append((index, weights[0]))
+        rows.append(((torch.full_like(rays, i), rays), features[0], depth[0], weights[0]))
 
-    def put(out, rows):
-        for index, values in rows:
-            out = out.index_put(index, values)
+    def put(out, k):
+        for row in rows:
+            out = out.index_put(row[0], row[k] if k < 3 else row[3].sum(1) if k == 3 else row[3])
         return out
 
-    return RayOutput(put(out_feat, feats_rows), put(out_depth, depth_rows), put(out_wsum, wsum_rows),
-                     put(out_weights, weight_rows) if want_weights else None)
+    return RayOutput(put(out_feat, 1), put(out_depth, 2), put(out_wsum, 3), put(out_weights, 4) if want_weights
+                     else None)
 
 
 def render_rays(trigrid: TriGrid, decoder: Decoder, origins: torch.Tensor, directions: torch.Tensor,
